@@ -1,0 +1,18 @@
+"""convnextv2_fast: ConvNeXt V2 for mmdet/mmpretrain with fused kernels.
+
+``import convnextv2_fast`` needs only torch and mmengine; it registers
+:class:`ConvNeXtV2Fast` into mmdet's and mmpretrain's ``MODELS`` registries
+when those packages are importable.
+"""
+from ._registry import REGISTRATION, register_modules
+from .impl import VALID_IMPLS
+from .models import GRN, ConvNeXtV2Block, ConvNeXtV2Fast, LayerNorm2d
+
+__version__ = '0.1.0'
+
+register_modules([ConvNeXtV2Fast])
+
+__all__ = [
+    'ConvNeXtV2Fast', 'ConvNeXtV2Block', 'GRN', 'LayerNorm2d', 'VALID_IMPLS',
+    'REGISTRATION', '__version__'
+]

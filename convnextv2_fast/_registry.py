@@ -1,0 +1,31 @@
+"""Registration of our modules into mmdet's and mmpretrain's ``MODELS``.
+
+Done at ``import convnextv2_fast`` when those packages import; never raises.
+The outcome per package is kept in :data:`REGISTRATION` for
+``python -m convnextv2_fast.info``.
+"""
+import importlib
+import importlib.util
+from typing import Dict
+
+REGISTRATION: Dict[str, str] = {}
+
+_TARGETS = (('mmdet', 'mmdet.registry'), ('mmpretrain', 'mmpretrain.registry'))
+
+
+def register_modules(modules) -> Dict[str, str]:
+    """Register ``modules`` (classes) into every importable OpenMMLab registry."""
+    for package, registry_module in _TARGETS:
+        if importlib.util.find_spec(package) is None:
+            REGISTRATION[package] = 'not installed'
+            continue
+        try:
+            registry = importlib.import_module(registry_module).MODELS
+            for module in modules:
+                registry.register_module(module=module, force=True)
+        except Exception as exc:  # an installed-but-broken mm* stack
+            REGISTRATION[package] = f'not registered: {type(exc).__name__}: {exc}'
+        else:
+            REGISTRATION[package] = 'registered ' + ', '.join(
+                m.__name__ for m in modules)
+    return REGISTRATION

@@ -1,0 +1,128 @@
+"""Pure-PyTorch reference implementations of the ConvNeXt V2 block ops.
+
+These are the numerical definition of the package (the same math, op for op,
+as ``mmpretrain.ConvNeXt`` with ``use_grn=True``).  The backbone's reference
+path, the tests and the benchmarks all import them from here.
+
+Every function takes an ``upcast`` flag: with ``upcast=True`` the inputs are
+promoted to fp32 (fp64 stays fp64) and the result is cast back to the input
+dtype — the "reference in higher precision" used by parity tests.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+GRN_EPS = 1e-6
+LN_EPS = 1e-6
+
+
+def _up(t: Optional[torch.Tensor], upcast: bool) -> Optional[torch.Tensor]:
+    if t is None or not upcast or t.dtype == torch.float64:
+        return t
+    return t.float()
+
+
+def layer_norm_channels_last_ref(x, weight, bias, eps=LN_EPS, upcast=False):
+    """LayerNorm over the last dim of an (..., C) tensor."""
+    dtype = x.dtype
+    x, weight, bias = _up(x, upcast), _up(weight, upcast), _up(bias, upcast)
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y.to(dtype) if upcast else y
+
+
+def layer_norm_2d_ref(x, weight, bias, eps=LN_EPS, upcast=False):
+    """LayerNorm over C of an NCHW tensor (mmpretrain ``LN2d``); NCHW contiguous out."""
+    y = layer_norm_channels_last_ref(x.permute(0, 2, 3, 1), weight, bias, eps,
+                                     upcast)
+    return y.permute(0, 3, 1, 2).contiguous()
+
+
+def dwconv7x7_ref(x, weight, bias, upcast=False):
+    """Depthwise 7x7 conv, padding 3, of an NCHW tensor. weight: (C, 1, 7, 7)."""
+    dtype = x.dtype
+    x, weight, bias = _up(x, upcast), _up(weight, upcast), _up(bias, upcast)
+    y = F.conv2d(x, weight, bias, padding=3, groups=x.shape[1])
+    return y.to(dtype) if upcast else y
+
+
+def dwconv7x7_ln_ref(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=LN_EPS,
+                     upcast=False):
+    """Depthwise 7x7 conv + LayerNorm over C: NCHW in, NHWC (N, H, W, C) out."""
+    dtype = x.dtype
+    x, dw_weight, dw_bias = _up(x, upcast), _up(dw_weight, upcast), _up(dw_bias, upcast)
+    y = dwconv7x7_ref(x, dw_weight, dw_bias)
+    y = layer_norm_channels_last_ref(y.permute(0, 2, 3, 1), _up(ln_weight, upcast),
+                                     _up(ln_bias, upcast), eps)
+    return y.to(dtype) if upcast else y
+
+
+def grn_ref(u, gamma, beta, eps=GRN_EPS, upcast=False):
+    """Global Response Normalisation of a channels-last (N, H, W, K) tensor.
+
+    ``G = ||u||_2 over (H, W)``; ``N = G / (mean_K G + eps)``;
+    ``out = gamma * (u * N) + beta + u``.
+    """
+    dtype = u.dtype
+    u, gamma, beta = _up(u, upcast), _up(gamma, upcast), _up(beta, upcast)
+    gx = torch.norm(u, p=2, dim=(1, 2), keepdim=True)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
+    out = gamma * (u * nx) + beta + u
+    return out.to(dtype) if upcast else out
+
+
+def grn_channels_first_ref(u, gamma, beta, eps=GRN_EPS):
+    """GRN of an NCHW tensor (the ``linear_pw_conv=False`` layout)."""
+    gx = torch.norm(u, p=2, dim=(2, 3), keepdim=True)
+    nx = gx / (gx.mean(dim=1, keepdim=True) + eps)
+    return (gamma.view(1, -1, 1, 1) * (u * nx) + beta.view(1, -1, 1, 1) + u)
+
+
+def drop_path_ref(x, drop_prob: float, training: bool):
+    """Stochastic depth with mmcv semantics (per-sample keep mask, rescale).
+
+    Consumes ``torch.rand((N, 1, ..., 1), dtype=x.dtype)`` exactly like
+    ``mmcv.cnn.bricks.drop.drop_path`` so equal seeds give equal masks.
+    """
+    if drop_prob == 0. or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    return x.div(keep_prob) * drop_path_mask(x, drop_prob)
+
+
+def drop_path_mask(x, drop_prob: float):
+    """The (N, 1, .., 1) {0, 1} keep mask of mmcv's drop path (one RNG draw)."""
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    return random_tensor.floor()
+
+
+def block_ref(x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, grn_gamma,
+              grn_beta, w2, b2, ls_gamma=None, drop_prob=0., training=False,
+              eps=LN_EPS, upcast=False):
+    """One ConvNeXt V2 block on an NCHW tensor, Linear pointwise layers.
+
+    ``w1``: (4C, C), ``w2``: (C, 4C) as in ``nn.Linear``; ``ls_gamma``: (C,) or
+    None.  Returns NCHW (same memory format semantics as mmpretrain: the
+    permute back is a view).
+    """
+    dtype = x.dtype
+    if upcast:
+        args = [_up(t, True) for t in (x, dw_weight, dw_bias, ln_weight, ln_bias,
+                                       w1, b1, grn_gamma, grn_beta, w2, b2,
+                                       ls_gamma)]
+        return block_ref(*args, drop_prob=drop_prob, training=training,
+                         eps=eps).to(dtype)
+    shortcut = x
+    y = F.conv2d(x, dw_weight, dw_bias, padding=3, groups=x.shape[1])
+    y = y.permute(0, 2, 3, 1)
+    y = F.layer_norm(y, (y.shape[-1],), ln_weight, ln_bias, eps)
+    y = F.linear(y, w1, b1)
+    y = F.gelu(y)
+    y = grn_ref(y, grn_gamma, grn_beta)
+    y = F.linear(y, w2, b2)
+    y = y.permute(0, 3, 1, 2)
+    if ls_gamma is not None:
+        y = y.mul(ls_gamma.view(1, -1, 1, 1))
+    return shortcut + drop_path_ref(y, drop_prob, training)
