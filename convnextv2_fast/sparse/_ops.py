@@ -1,0 +1,50 @@
+"""The compiled sparse ops (``torch.ops.convnextv2_fast.*``) and their fake impls.
+
+``convnextv2_fast._C`` registers the ops with the dispatcher (``TORCH_LIBRARY``
+in ``csrc/bindings.cpp``); the shape-only fake implementations that
+``torch.compile`` needs are registered here, once, after the library loaded.
+"""
+import os
+
+import torch
+
+from .._ext import get_extension
+
+_STATE = {'fakes': False}
+
+REQUIRE_EXT_ENV = 'CONVNEXTV2_FAST_REQUIRE_EXT'
+
+
+def sparse_ops():
+    """``torch.ops.convnextv2_fast`` when the compiled ops are available, else None.
+
+    A missing extension gives one warning (from :func:`get_extension`) and
+    callers use their pure-PyTorch path; with ``CONVNEXTV2_FAST_REQUIRE_EXT=1``
+    a missing extension raises instead.
+    """
+    ext = get_extension('sparse depthwise conv (FCMAE)')
+    if ext is None or not hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_fwd'):
+        if os.environ.get(REQUIRE_EXT_ENV, '0') == '1':
+            from .._ext import extension_status
+            raise RuntimeError(
+                f'{REQUIRE_EXT_ENV}=1 but the compiled extension is unavailable: '
+                f'{extension_status()[1]}')
+        return None
+    if not _STATE['fakes']:
+        _register_fakes()
+        _STATE['fakes'] = True
+    return torch.ops.convnextv2_fast
+
+
+def _register_fakes():
+
+    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_fwd')
+    def _fwd_fake(feats, weight, bias, site, nbr):
+        return torch.empty_like(feats)
+
+    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_bwd_weight')
+    def _bwd_weight_fake(grad_out, feats, site, nbr):
+        acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        c = feats.shape[1]
+        return (feats.new_empty((c, 49), dtype=acc),
+                feats.new_empty((c, ), dtype=acc))

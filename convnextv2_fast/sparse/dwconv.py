@@ -1,0 +1,181 @@
+"""Submanifold depthwise 7x7 convolution on compact visible rows (FCMAE).
+
+One op, top to bottom:
+
+1. kernels: ``csrc/sparse_dwconv/sparse_dwconv_{cpu.cpp,cuda.cu}`` (twins,
+   ``torch.ops.convnextv2_fast.sparse_dwconv_fwd`` / ``..._bwd_weight``);
+2. host functions :func:`sparse_dwconv_forward` / :func:`sparse_dwconv_backward`
+   (validate, call the op, return tensors; testable without autograd).  The
+   input gradient is the forward op with the taps reversed (the submanifold
+   neighbourhood is symmetric); the weight/bias gradient is deterministic
+   (per-chunk fp32 partials summed in fixed order, no atomics);
+3. :class:`SparseDWConv7x7Function`, a thin autograd.Function;
+4. :func:`sparse_dwconv7x7`, the functional entry point, which falls back to
+   :func:`sparse_dwconv7x7_torch` (pure PyTorch, differentiable by autograd)
+   when the extension is missing;
+5. :func:`sparse_dwconv7x7_dense_masked_ref`, the reference: ``mask -> dense
+   depthwise conv -> mask`` (what the official JAX FCMAE computes).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .._errors import ArgumentError
+from ._ops import sparse_ops
+from .layout import StageLayout, densify, stage_visible_mask
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(feats, weight2d, bias, layout):
+    if not torch.is_tensor(feats) or feats.dim() != 2:
+        raise ArgumentError(
+            'feats must be a 2-D [M, C] tensor of visible-site features, got '
+            f'{tuple(feats.shape) if torch.is_tensor(feats) else type(feats)}.')
+    if feats.dtype not in _DTYPES:
+        raise ArgumentError(f'feats must be fp32/fp16/bf16/fp64, got {feats.dtype}.')
+    m, c = feats.shape
+    if m != layout.num_rows:
+        raise ArgumentError(
+            f'feats has {m} rows but the layout has {layout.num_rows} visible sites.')
+    if tuple(weight2d.shape) != (c, 49):
+        raise ArgumentError(
+            f'weight must have shape (C, 1, 7, 7) or (C, 49) with C={c}, got '
+            f'{tuple(weight2d.shape)}.')
+    if bias is not None and tuple(bias.shape) != (c, ):
+        raise ArgumentError(f'bias must have shape ({c},), got {tuple(bias.shape)}.')
+
+
+def _weight2d(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() == 4:
+        if tuple(weight.shape[1:]) != (1, 7, 7):
+            raise ArgumentError(
+                'weight must be a depthwise 7x7 kernel of shape (C, 1, 7, 7), got '
+                f'{tuple(weight.shape)}.')
+        return weight.reshape(weight.shape[0], 49)
+    return weight
+
+
+# -- host functions (compiled ops) -------------------------------------------
+def sparse_dwconv_forward(feats: torch.Tensor, weight2d: torch.Tensor,
+                          bias: Optional[torch.Tensor], layout: StageLayout,
+                          ops=None) -> torch.Tensor:
+    """out[M, C] with the compiled op; weight2d/bias already in feats' dtype."""
+    ops = ops or sparse_ops()
+    return ops.sparse_dwconv_fwd(feats.contiguous(), weight2d.contiguous(),
+                                 None if bias is None else bias.contiguous(),
+                                 layout.site, layout.nbr)
+
+
+def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
+                           weight2d: torch.Tensor, layout: StageLayout,
+                           need_input: bool = True, need_weight: bool = True,
+                           ops=None) -> Tuple[Optional[torch.Tensor],
+                                              Optional[torch.Tensor],
+                                              Optional[torch.Tensor]]:
+    """(grad_feats, grad_weight2d fp32, grad_bias fp32); None where not needed."""
+    ops = ops or sparse_ops()
+    grad_out = grad_out.contiguous()
+    gin = gw = gb = None
+    if need_input:
+        gin = ops.sparse_dwconv_fwd(grad_out, weight2d.flip(1).contiguous(), None,
+                                    layout.site, layout.nbr)
+    if need_weight:
+        gw, gb = ops.sparse_dwconv_bwd_weight(grad_out, feats.contiguous(),
+                                              layout.site, layout.nbr)
+    return gin, gw, gb
+
+
+class SparseDWConv7x7Function(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, feats, weight2d, bias, layout):
+        w = weight2d.to(feats.dtype)
+        b = None if bias is None else bias.to(feats.dtype)
+        out = sparse_dwconv_forward(feats, w, b, layout)
+        ctx.save_for_backward(feats, w)
+        ctx.layout = layout
+        ctx.param_dtypes = (weight2d.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        feats, w = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gin, gw, gb = sparse_dwconv_backward(grad_out.to(feats.dtype), feats, w,
+                                             ctx.layout, ctx.needs_input_grad[0],
+                                             need_w)
+        wdt, bdt = ctx.param_dtypes
+        gw = gw.to(wdt) if gw is not None and ctx.needs_input_grad[1] else None
+        gb = gb.to(bdt) if gb is not None and ctx.needs_input_grad[2] else None
+        return gin, gw, gb, None
+
+
+# -- pure-PyTorch path --------------------------------------------------------
+def sparse_dwconv7x7_torch(feats: torch.Tensor, weight: torch.Tensor,
+                           bias: Optional[torch.Tensor],
+                           layout: StageLayout) -> torch.Tensor:
+    """The same op in plain PyTorch (gather per tap); autograd differentiates it.
+
+    Accumulates in fp32 for fp16/bf16 like the kernels.  Used when the
+    extension is missing; memory O(M * C) per tap, time 49 gathers.
+    """
+    w2 = _weight2d(weight)
+    _check(feats, w2, bias, layout)
+    acc_dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    table = layout.neighbour_table()
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])]).to(acc_dtype)
+    w2 = w2.to(acc_dtype)
+    out = padded.new_zeros(feats.shape) if bias is None else \
+        bias.to(acc_dtype).expand(feats.shape).clone()
+    for t in range(49):
+        out = out + padded.index_select(0, table[:, t]) * w2[:, t]
+    return out.to(feats.dtype)
+
+
+# -- entry point --------------------------------------------------------------
+def sparse_dwconv7x7(feats: torch.Tensor, weight: torch.Tensor,
+                     bias: Optional[torch.Tensor], layout: StageLayout,
+                     impl: str = 'auto') -> torch.Tensor:
+    """Submanifold depthwise 7x7 conv of visible rows ``feats`` [M, C].
+
+    ``weight`` (C, 1, 7, 7) (an ``nn.Conv2d`` depthwise weight) or (C, 49);
+    ``impl``: ``'auto'`` (compiled op when available, else PyTorch),
+    ``'ext'`` (compiled op, error if missing) or ``'torch'``.
+    Under autocast the features are cast to the autocast dtype (as conv2d is).
+    """
+    if impl not in ('auto', 'ext', 'torch'):
+        raise ArgumentError(f"impl must be 'auto', 'ext' or 'torch', got {impl!r}.")
+    dev = feats.device.type
+    if torch.is_autocast_enabled(dev) and feats.dtype != torch.float64:
+        feats = feats.to(torch.get_autocast_dtype(dev))
+    w2 = _weight2d(weight)
+    _check(feats, w2, bias, layout)
+    ops = None if impl == 'torch' else sparse_ops()
+    if ops is None:
+        if impl == 'ext':
+            raise RuntimeError('sparse_dwconv7x7(impl="ext"): the compiled extension '
+                               'convnextv2_fast._C is not available.')
+        return sparse_dwconv7x7_torch(feats, w2, bias, layout)
+    with torch.autocast(dev, enabled=False):
+        return SparseDWConv7x7Function.apply(feats, w2, bias, layout)
+
+
+# -- reference ------------------------------------------------------------------
+def sparse_dwconv7x7_dense_masked_ref(feats: torch.Tensor, weight: torch.Tensor,
+                                      bias: Optional[torch.Tensor],
+                                      layout: StageLayout,
+                                      upcast: bool = False) -> torch.Tensor:
+    """Reference: densify -> ``x * visible -> dwconv7x7 -> * visible`` -> rows."""
+    dtype = feats.dtype
+    if upcast and dtype != torch.float64:
+        feats, weight = feats.float(), weight.float()
+        bias = None if bias is None else bias.float()
+    w4 = weight.reshape(-1, 1, 7, 7)
+    vis = stage_visible_mask(layout, feats.dtype)
+    x = densify(feats, layout) * vis
+    y = F.conv2d(x, w4, bias, padding=3, groups=x.shape[1]) * vis
+    rows = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).index_select(
+        0, layout.site_long())
+    return rows.to(dtype)

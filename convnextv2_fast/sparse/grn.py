@@ -1,0 +1,43 @@
+"""GRN over the visible rows of each sample (FCMAE sparse encoder).
+
+Per sample ``n`` and hidden channel ``k``: ``G[n,k] = ||u[rows of n, k]||_2``
+(no eps inside the root: the dense backbone formula, so the pretrained weights
+mean the same thing in the dense fine-tuning backbone; masked sites are zero in
+the dense-masked view, so this equals the dense GRN of the masked map),
+``N = G / (mean_k G + eps)`` with ``eps = 1e-6`` outside the root as in
+``mmpretrain`` / the dense backbone, ``out = u * (1 + gamma * N) + beta``.
+The official JAX FCMAE puts its eps inside the root (``sqrt(sum u^2 + eps)``);
+the difference is below fp32 resolution for any non-degenerate channel.  The
+norm's gradient at ``G = 0`` is taken as 0 (``torch.norm``'s convention).
+
+Statistics are per SAMPLE over its visible rows, not over the batch (the
+MinkowskiEngine implementation normalises over the whole batch, ConvNeXt-V2
+issue #86).  Reductions run in fp32.  When every sample has the same number of
+visible rows (always the case for FCMAE's fixed ``len_keep``) the reduction is
+a reshape + sum (deterministic); otherwise an ``index_add`` by sample.
+"""
+import torch
+
+from .layout import StageLayout
+
+
+def sparse_grn(u: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+               layout: StageLayout, eps: float = 1e-6) -> torch.Tensor:
+    m, k = u.shape
+    n = layout.counts.numel()
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    uf = u.to(acc)
+    p = layout.equal_counts
+    if p:
+        ss = uf.view(n, p, k).pow(2).sum(1)
+    else:
+        ss = uf.new_zeros(n, k).index_add(0, layout.sample, uf.pow(2))
+    pos = ss > 0
+    gx = torch.where(pos, ss, torch.ones_like(ss)).sqrt() * pos
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
+    scale = 1 + gamma.to(acc) * nx                      # [N, K]
+    if p:
+        out = (uf.view(n, p, k) * scale[:, None, :]).view(m, k)
+    else:
+        out = uf * scale.index_select(0, layout.sample)
+    return (out + beta.to(acc)).to(u.dtype)
