@@ -11,6 +11,7 @@ from .models import GRN, ConvNeXtV2Block, ConvNeXtV2Fast, LayerNorm2d
 __version__ = '0.1.0'
 
 register_modules([ConvNeXtV2Fast])
+from . import _fcmae_registry  # noqa: E402,F401  (FCMAE -> mmpretrain MODELS; never raises)
 
 __all__ = [
     'ConvNeXtV2Fast', 'ConvNeXtV2Block', 'GRN', 'LayerNorm2d', 'VALID_IMPLS',

@@ -13,9 +13,15 @@ REGISTRATION: Dict[str, str] = {}
 _TARGETS = (('mmdet', 'mmdet.registry'), ('mmpretrain', 'mmpretrain.registry'))
 
 
-def register_modules(modules) -> Dict[str, str]:
-    """Register ``modules`` (classes) into every importable OpenMMLab registry."""
+def register_modules(modules, packages=None) -> Dict[str, str]:
+    """Register ``modules`` (classes) into every importable OpenMMLab registry.
+
+    ``packages``: restrict to these of ('mmdet', 'mmpretrain'); default all.
+    Repeated calls for one package accumulate the registered names.
+    """
     for package, registry_module in _TARGETS:
+        if packages is not None and package not in packages:
+            continue
         if importlib.util.find_spec(package) is None:
             REGISTRATION[package] = 'not installed'
             continue
@@ -26,6 +32,9 @@ def register_modules(modules) -> Dict[str, str]:
         except Exception as exc:  # an installed-but-broken mm* stack
             REGISTRATION[package] = f'not registered: {type(exc).__name__}: {exc}'
         else:
-            REGISTRATION[package] = 'registered ' + ', '.join(
-                m.__name__ for m in modules)
+            names = ', '.join(m.__name__ for m in modules)
+            previous = REGISTRATION.get(package, '')
+            REGISTRATION[package] = (f'{previous}, {names}'
+                                     if previous.startswith('registered ') else
+                                     f'registered {names}')
     return REGISTRATION
