@@ -9,3 +9,7 @@ from .models.fcmae import FCMAE, FCMAEDecoder
 from .models.sparse_encoder import SparseConvNeXtV2
 
 register_modules([FCMAE, FCMAEDecoder, SparseConvNeXtV2], packages=('mmpretrain', ))
+
+from .models.synthetic_data import SyntheticImageDataset  # noqa: E402
+
+register_modules([SyntheticImageDataset], packages=('mmpretrain', ), registry='DATASETS')

@@ -13,10 +13,12 @@ REGISTRATION: Dict[str, str] = {}
 _TARGETS = (('mmdet', 'mmdet.registry'), ('mmpretrain', 'mmpretrain.registry'))
 
 
-def register_modules(modules, packages=None) -> Dict[str, str]:
+def register_modules(modules, packages=None, registry='MODELS') -> Dict[str, str]:
     """Register ``modules`` (classes) into every importable OpenMMLab registry.
 
     ``packages``: restrict to these of ('mmdet', 'mmpretrain'); default all.
+    ``registry``: the registry attribute of ``<package>.registry`` ('MODELS',
+    'DATASETS', ...).
     Repeated calls for one package accumulate the registered names.
     """
     for package, registry_module in _TARGETS:
@@ -26,9 +28,9 @@ def register_modules(modules, packages=None) -> Dict[str, str]:
             REGISTRATION[package] = 'not installed'
             continue
         try:
-            registry = importlib.import_module(registry_module).MODELS
+            target = getattr(importlib.import_module(registry_module), registry)
             for module in modules:
-                registry.register_module(module=module, force=True)
+                target.register_module(module=module, force=True)
         except Exception as exc:  # an installed-but-broken mm* stack
             REGISTRATION[package] = f'not registered: {type(exc).__name__}: {exc}'
         else:
