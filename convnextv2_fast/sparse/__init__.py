@@ -9,11 +9,12 @@ from .dwconv import (sparse_dwconv7x7, sparse_dwconv7x7_dense_masked_ref,
                      sparse_dwconv7x7_torch, sparse_dwconv_backward,
                      sparse_dwconv_forward)
 from .layout import (StageLayout, build_layouts, check_input_size, check_mask,
-                     densify, gather_rows, stage_visible_mask)
+                     densify, gather_rows, layout_from_visibility,
+                     stage_visible_mask)
 
 __all__ = [
     'sparse_dwconv7x7', 'sparse_dwconv7x7_dense_masked_ref',
     'sparse_dwconv7x7_torch', 'sparse_dwconv_forward', 'sparse_dwconv_backward',
     'sparse_grn', 'StageLayout', 'build_layouts', 'check_input_size', 'check_mask', 'densify',
-    'gather_rows', 'stage_visible_mask'
+    'gather_rows', 'layout_from_visibility', 'stage_visible_mask'
 ]

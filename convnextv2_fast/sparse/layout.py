@@ -120,29 +120,37 @@ def check_input_size(h: int, w: int, patch_size: int) -> None:
             'every stage).')
 
 
+def layout_from_visibility(vis: torch.Tensor) -> StageLayout:
+    """StageLayout of an arbitrary bool visibility map (N, H, W) (True = visible).
+
+    The ops do not need tiles; FCMAE's layouts come from :func:`build_layouts`."""
+    if vis.dtype != torch.bool or vis.dim() != 3:
+        raise ArgumentError(
+            f'vis must be a bool (N, H, W) tensor, got {vis.dtype} {tuple(vis.shape)}.')
+    n, hh, ww = vis.shape
+    site = vis.reshape(-1).nonzero().flatten()
+    nbr = torch.full((n * hh * ww, ), -1, dtype=torch.int32, device=vis.device)
+    nbr[site] = torch.arange(site.numel(), dtype=torch.int32, device=vis.device)
+    sample = site // (hh * ww)
+    counts = torch.bincount(sample, minlength=n)
+    cmin, cmax = int(counts.min()), int(counts.max())
+    return StageLayout(site=site.to(torch.int32), nbr=nbr.view(n, hh, ww),
+                       sample=sample, counts=counts,
+                       equal_counts=cmin if cmin == cmax and cmin > 0 else 0,
+                       _cache={'site_long': site})
+
+
 def build_layouts(mask: torch.Tensor, img_h: int, img_w: int, patch_size: int,
                   num_stages: int) -> List[StageLayout]:
     """StageLayouts of every stage for a (validated) bool mask (N, h, w)."""
     layouts = []
     visible = ~mask
-    n = mask.shape[0]
     for i in range(num_stages):
         stride = STEM_STRIDE * 2**i
         tile = patch_size // stride
         vis = visible.repeat_interleave(tile, 1).repeat_interleave(tile, 2)
-        hh, ww = img_h // stride, img_w // stride
-        assert vis.shape[1:] == (hh, ww)
-        site = vis.reshape(-1).nonzero().flatten()
-        nbr = torch.full((n * hh * ww, ), -1, dtype=torch.int32, device=mask.device)
-        nbr[site] = torch.arange(site.numel(), dtype=torch.int32, device=mask.device)
-        sample = site // (hh * ww)
-        counts = torch.bincount(sample, minlength=n)
-        cmin, cmax = int(counts.min()), int(counts.max())
-        layouts.append(
-            StageLayout(site=site.to(torch.int32), nbr=nbr.view(n, hh, ww),
-                        sample=sample, counts=counts,
-                        equal_counts=cmin if cmin == cmax else 0,
-                        _cache={'site_long': site}))
+        assert vis.shape[1:] == (img_h // stride, img_w // stride)
+        layouts.append(layout_from_visibility(vis))
     return layouts
 
 
