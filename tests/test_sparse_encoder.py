@@ -190,3 +190,23 @@ def test_bad_masks(mask, msg):
     enc = _encoder('torch')
     with pytest.raises(ArgumentError, match=msg):
         enc(torch.randn(2, 3, 96, 64), mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not EXT, reason='compiled extension not built')
+def test_cuda_sparse_encoder_matches_dense_masked():
+    enc = _encoder('ext').cuda()
+    x = torch.randn(4, 3, 96, 160, device='cuda')
+    mask = _mask(4, 3, 5, seed=7).cuda()
+    _check_against_dense(enc, x, mask, 'cuda-fp32')
+    # bf16 autocast: sparse vs dense-masked (same autocast) vs fp64 dense-masked
+    layouts = enc.layouts(x, mask)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        rows, _ = enc.forward_sparse(x, mask, layouts)
+        dense = dense_masked_encoder_ref(enc, x, mask, layouts)
+    dense64 = dense_masked_encoder_ref(copy.deepcopy(enc).double(), x.double(), mask,
+                                       layouts)
+    for i, (r, d, d64) in enumerate(zip(rows, dense, dense64)):
+        assert_close_to_ref(f'cuda-bf16/stage{i}', r.float(),
+                            _visible_rows(d, layouts[i]).float(),
+                            _visible_rows(d64, layouts[i]), dtype=torch.bfloat16)

@@ -170,15 +170,24 @@ def dense_masked_encoder_ref(encoder: SparseConvNeXtV2, x: torch.Tensor,
     map of every stage (zeros at masked sites).  Drop path is not applied
     (use eval mode or drop_path_rate=0 for comparisons)."""
     layouts = layouts or encoder.layouts(x, mask)
+    vis_masks = [stage_visible_mask(layout, x.dtype) for layout in layouts]
+    return dense_masked_encoder_forward(encoder, x, vis_masks)
+
+
+def dense_masked_encoder_forward(encoder: SparseConvNeXtV2, x: torch.Tensor,
+                                 vis_masks: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """:func:`dense_masked_encoder_ref` given the per-stage (N, 1, H_i, W_i)
+    visible masks (no data-dependent shapes: ``torch.compile``-friendly)."""
     outs = []
     for i, stage in enumerate(encoder.stages):
-        vis = stage_visible_mask(layouts[i], x.dtype)
+        vis = vis_masks[i].to(x.dtype)
         if i == 0:
             conv, ln = encoder.downsample_layers[0]
             x = ln(conv(x)) * vis
         else:
             ln, conv = encoder.downsample_layers[i]
             x = conv(ln(x)) * vis
+        vis = vis.to(x.dtype)
         vis_nhwc = vis.permute(0, 2, 3, 1)
         for blk in stage:
             y = F.conv2d(x * vis, blk.depthwise_conv.weight, blk.depthwise_conv.bias,
