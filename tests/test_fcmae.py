@@ -147,3 +147,17 @@ def test_synthetic_config_trains_through_runner(tmp_path):
     assert unexpected == [] and all(k.startswith('norm') for k in missing)
     logs = runner.message_hub.get_scalar('train/loss')
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.data[0])
+
+
+def test_bf16_autocast_loss_close_to_fp32():
+    model = _model(seed=2).eval()
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[1., 0, 1, 1], [0, 1, 1, 0]])
+    ref = model.loss(imgs, mask=mask)['loss']
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low = model.loss(imgs, mask=mask)['loss']
+    low.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+    print(f'fp32 {ref.item():.5f} bf16-autocast {low.item():.5f}')
+    assert abs(low.item() - ref.item()) < 3e-2 * abs(ref.item())

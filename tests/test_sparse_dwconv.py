@@ -218,3 +218,24 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv('CONVNEXTV2_FAST_REQUIRE_EXT', '1')
     with pytest.raises(RuntimeError, match='CONVNEXTV2_FAST_REQUIRE_EXT=1'):
         sparse_dwconv7x7(f, w, b, layout)
+
+
+@needs_ext
+def test_ops_trace_under_torch_compile():
+    """The dispatcher ops + fake impls let torch.compile trace them (fullgraph)."""
+    layout = _scattered_layout(4, hw=(8, 9))
+    f, w, b, go = _inputs(layout, 6, torch.float32, 5)
+    ops = torch.ops.convnextv2_fast
+    from convnextv2_fast.sparse._ops import sparse_ops
+    sparse_ops()  # registers the fake impls
+
+    def fn(f_, w_, b_, go_, site, nbr):
+        out = ops.sparse_dwconv_fwd(f_, w_, b_, site, nbr)
+        gw, gb = ops.sparse_dwconv_bwd_weight(go_, f_, site, nbr)
+        return out * 2, gw + 1, gb
+
+    args = (f, w.reshape(6, 49), b, go, layout.site, layout.nbr)
+    eager = fn(*args)
+    compiled = torch.compile(fn, backend='aot_eager', fullgraph=True)(*args)
+    for a, c in zip(eager, compiled):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)

@@ -15,8 +15,8 @@ assert C.WITH_CUDA, 'extension built without CUDA'; \
 print('ok', C.__file__, torch.cuda.get_device_name())"
 
 echo "== GPU tests"
-timeout 150 $PY -m pytest -q -m gpu -rs tests/test_sparse_dwconv.py \
+timeout 90 $PY -m pytest -q -m gpu -rs tests/test_sparse_dwconv.py \
     tests/test_sparse_encoder.py tests/test_fcmae.py
 
 echo "== benchmark (V2-B, 224^2, mask 0.6, bf16 autocast)"
-timeout 240 $PY benchmarks/bench_fcmae.py --batch 64 16 --iters 10 --warmup 3
+timeout 180 $PY benchmarks/bench_fcmae.py --batch 64 16 --iters 5 --warmup 2
