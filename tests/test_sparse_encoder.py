@@ -210,3 +210,32 @@ def test_cuda_sparse_encoder_matches_dense_masked():
         assert_close_to_ref(f'cuda-bf16/stage{i}', r.float(),
                             _visible_rows(d, layouts[i]).float(),
                             _visible_rows(d64, layouts[i]), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize('equal', [True, False])
+def test_sparse_grn_matches_dense_grn(equal):
+    from convnextv2_fast.ops.reference import grn_ref
+    from convnextv2_fast.sparse import densify, layout_from_visibility, sparse_grn
+    g = torch.Generator().manual_seed(0)
+    vis = torch.zeros(3, 5, 6, dtype=torch.bool)
+    vis.view(3, -1)[:, :7] = True
+    if not equal:
+        vis[2, 4, :] = True
+    vis = vis.view(3, -1)[:, torch.randperm(30, generator=g)].view(3, 5, 6)
+    layout = layout_from_visibility(vis)
+    assert bool(layout.equal_counts) == equal
+    u = torch.randn(layout.num_rows, 8, generator=g, dtype=torch.float64)
+    u[:, 3] = 0  # an all-zero channel: gradient must stay finite
+    u.requires_grad_()
+    gamma = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    out = sparse_grn(u, gamma, beta, layout)
+    dense = densify(u, layout).permute(0, 2, 3, 1)
+    ref = grn_ref(dense, gamma, beta).reshape(-1, 8).index_select(0, layout.site_long())
+    torch.testing.assert_close(out, ref)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    g1 = torch.autograd.grad(out, (u, gamma, beta), go)
+    g2 = torch.autograd.grad(ref, (u, gamma, beta), go)
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)

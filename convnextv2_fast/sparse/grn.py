@@ -12,9 +12,11 @@ norm's gradient at ``G = 0`` is taken as 0 (``torch.norm``'s convention).
 
 Statistics are per SAMPLE over its visible rows, not over the batch (the
 MinkowskiEngine implementation normalises over the whole batch, ConvNeXt-V2
-issue #86).  Reductions run in fp32.  When every sample has the same number of
-visible rows (always the case for FCMAE's fixed ``len_keep``) the reduction is
-a reshape + sum (deterministic); otherwise an ``index_add`` by sample.
+issue #86).  Reductions and the scale run in fp32 (as the dense reference
+under autocast), the output is in ``u``'s dtype.  When every sample has the
+same number of visible rows (always the case for FCMAE's fixed ``len_keep``)
+the reduction is a reshape + ``vector_norm`` (deterministic, no fp32 copy of
+``u`` kept for backward); otherwise an ``index_add`` by sample.
 """
 import torch
 
@@ -26,18 +28,20 @@ def sparse_grn(u: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     m, k = u.shape
     n = layout.counts.numel()
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    uf = u.to(acc)
     p = layout.equal_counts
     if p:
-        ss = uf.view(n, p, k).pow(2).sum(1)
+        # fp32 reduction without materialising (or saving) an fp32 copy of u;
+        # vector_norm's gradient at 0 is 0.
+        u3 = u.view(n, p, k)
+        gx = torch.linalg.vector_norm(u3, ord=2, dim=1, dtype=acc)
     else:
-        ss = uf.new_zeros(n, k).index_add(0, layout.sample, uf.pow(2))
-    pos = ss > 0
-    gx = torch.where(pos, ss, torch.ones_like(ss)).sqrt() * pos
+        ss = u.new_zeros(n, k, dtype=acc).index_add(0, layout.sample, u.to(acc).pow(2))
+        pos = ss > 0
+        gx = torch.where(pos, ss, torch.ones_like(ss)).sqrt() * pos
     nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
-    scale = 1 + gamma.to(acc) * nx                      # [N, K]
+    scale = 1 + gamma.to(acc) * nx                      # [N, K], fp32
     if p:
-        out = (uf.view(n, p, k) * scale[:, None, :]).view(m, k)
+        out = (u3 * scale[:, None, :]).view(m, k)       # promotes to fp32
     else:
-        out = uf * scale.index_select(0, layout.sample)
+        out = u * scale.index_select(0, layout.sample)
     return (out + beta.to(acc)).to(u.dtype)
