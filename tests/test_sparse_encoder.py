@@ -239,3 +239,25 @@ def test_sparse_grn_matches_dense_grn(equal):
     for a, b in zip(g1, g2):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b)
+
+
+def test_drop_path_is_per_sample_in_training():
+    """Train mode with drop path: a dropped sample's block branch is removed
+    entirely (its rows equal the block input); kept ones are rescaled."""
+    torch.manual_seed(0)
+    enc = SparseConvNeXtV2(arch=dict(depths=[2], channels=[8]), patch_size=4,
+                           drop_path_rate=0.5).train()
+    blk = enc.stages[0][1]  # linspace(0, 0.5, 2)[1]
+    assert blk.drop_prob == 0.5
+    x = torch.randn(6, 3, 8, 8)
+    layouts = enc.layouts(x, torch.zeros(6, 4))
+    rows_in = torch.randn(layouts[0].num_rows, 8)
+    torch.manual_seed(1)
+    out = enc._block(blk, rows_in, layouts[0])
+    torch.manual_seed(1)
+    keep = (0.5 + torch.rand(6, 1)).floor().view(-1)
+    assert 0 < keep.sum() < 6  # this seed drops some samples and keeps others
+    enc.eval()
+    branch = enc._block(blk, rows_in, layouts[0]) - rows_in
+    expected = rows_in + branch / 0.5 * keep.index_select(0, layouts[0].sample)[:, None]
+    torch.testing.assert_close(out, expected)

@@ -178,29 +178,31 @@ def dense_masked_encoder_forward(encoder: SparseConvNeXtV2, x: torch.Tensor,
                                  vis_masks: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """:func:`dense_masked_encoder_ref` given the per-stage (N, 1, H_i, W_i)
     visible masks (no data-dependent shapes: ``torch.compile``-friendly)."""
+    def masked(t, m):  # keep t's dtype under autocast (no promotion to fp32)
+        return t * m.to(t.dtype)
+
     outs = []
     for i, stage in enumerate(encoder.stages):
-        vis = vis_masks[i].to(x.dtype)
+        vis = vis_masks[i]
         if i == 0:
             conv, ln = encoder.downsample_layers[0]
-            x = ln(conv(x)) * vis
+            x = masked(ln(conv(x)), vis)
         else:
             ln, conv = encoder.downsample_layers[i]
-            x = conv(ln(x)) * vis
-        vis = vis.to(x.dtype)
+            x = masked(conv(ln(x)), vis)
         vis_nhwc = vis.permute(0, 2, 3, 1)
         for blk in stage:
-            y = F.conv2d(x * vis, blk.depthwise_conv.weight, blk.depthwise_conv.bias,
-                         padding=3, groups=x.shape[1]) * vis
-            y = y.permute(0, 2, 3, 1)
+            y = F.conv2d(masked(x, vis), blk.depthwise_conv.weight,
+                         blk.depthwise_conv.bias, padding=3, groups=x.shape[1])
+            y = masked(y, vis).permute(0, 2, 3, 1)
             y = F.layer_norm(y, (y.shape[-1], ), blk.norm.weight, blk.norm.bias,
                              blk.norm.eps)
-            y = blk.act(blk.pointwise_conv1(y)) * vis_nhwc
+            y = masked(blk.act(blk.pointwise_conv1(y)), vis_nhwc)
             y = grn_ref(y, blk.grn.gamma, blk.grn.beta, blk.grn.eps)
             y = blk.pointwise_conv2(y)
             if blk.gamma is not None:
                 y = y * blk.gamma
-            x = x + y.permute(0, 3, 1, 2) * vis
+            x = x + masked(y.permute(0, 3, 1, 2), vis)
         outs.append(x)
     return outs
 
