@@ -174,13 +174,12 @@ def main(argv=None):
                            img_per_s=batch / ms * 1e3 if ms == ms else None,
                            peak_mem_mb=peak, error=err, **meta)
                 rows.append(row)
+                with open(args.out, 'a') as f:  # row by row: a timeout keeps what ran
+                    f.write(json.dumps(row) + '\n')
                 print(f'{provider:14s} {mode:8s} b={batch:<4d} {ms:9.2f} ms '
                       f'{row["img_per_s"] or 0:9.1f} img/s '
                       f'peak {peak if peak is not None else float("nan"):9.1f} MiB'
                       + (' (smoke)' if args.smoke else '') + (f' {err}' if err else ''))
-    with open(args.out, 'a') as f:
-        for row in rows:
-            f.write(json.dumps(row) + '\n')
     print(f'appended {len(rows)} rows to {args.out}')
     return 0
 

@@ -161,3 +161,23 @@ def test_bf16_autocast_loss_close_to_fp32():
                for p in model.parameters())
     print(f'fp32 {ref.item():.5f} bf16-autocast {low.item():.5f}')
     assert abs(low.item() - ref.item()) < 3e-2 * abs(ref.item())
+
+
+def test_benchmark_smoke_and_cuda_requirement(tmp_path):
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location(
+        'bench_fcmae', osp.join(ROOT, 'benchmarks', 'bench_fcmae.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / 'rows.jsonl'
+    if not torch.cuda.is_available():
+        assert bench.main(['--out', str(out)]) == 2   # full run needs CUDA
+        assert not out.exists()
+    assert bench.main(['--smoke', '--out', str(out), '--modes', 'fwd+bwd',
+                       '--providers', 'sparse', 'dense_eager']) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r['provider'] for r in rows] == ['sparse', 'dense_eager']
+    for r in rows:
+        assert r['smoke'] is True and r['ms'] > 0 and r['img_per_s'] > 0
+        assert {'gpu', 'torch', 'commit', 'timestamp', 'peak_mem_mb'} <= set(r)

@@ -53,7 +53,7 @@ def _check_against_dense(enc, x, mask, tag):
     dense = dense_masked_encoder_ref(enc, x, mask, layouts)
     dense64 = dense_masked_encoder_ref(enc64, x.double(), mask, layouts)
     g = torch.Generator().manual_seed(5)
-    weights = [torch.randn(r.shape, generator=g) for r in rows]
+    weights = [torch.randn(r.shape, generator=g).to(r.device) for r in rows]
     for i, (r, d, d64) in enumerate(zip(rows, dense, dense64)):
         assert_close_to_ref(f'{tag}/stage{i}', r, _visible_rows(d, layouts[i]),
                             _visible_rows(d64, layouts[i]), dtype=torch.float32)
