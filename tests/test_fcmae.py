@@ -120,6 +120,14 @@ def test_base_config_parses():
     assert cfg.optim_wrapper.optimizer.lr == pytest.approx(1.5e-4 * 2048 / 256)
     assert cfg.custom_imports == dict(imports=['convnextv2_fast'],
                                       allow_failed_imports=False)
+    pytest.importorskip('mmpretrain')
+    from mmpretrain.registry import MODELS
+    model = MODELS.build(cfg.model)
+    n_enc = sum(p.numel() for p in model.backbone.parameters())
+    # V2-B backbone (87,694,592) minus its four output norms, which FCMAE lacks
+    assert n_enc == 87_694_592 - 2 * (128 + 256 + 512 + 1024)
+    assert model.neck.proj.out_channels == 512 and len(model.neck.decoder) == 1
+    assert model.neck.pred.out_channels == 32 * 32 * 3
 
 
 def test_synthetic_config_trains_through_runner(tmp_path):
@@ -136,6 +144,15 @@ def test_synthetic_config_trains_through_runner(tmp_path):
     runner = Runner.from_cfg(cfg)
     before = copy.deepcopy(runner.model.backbone.state_dict())
     runner.train()
+    wd = {}
+    params = dict(runner.model.named_parameters())
+    for group in runner.optim_wrapper.optimizer.param_groups:
+        for p in group['params']:
+            wd.update({n: group['weight_decay'] for n, q in params.items() if q is p})
+    assert wd['backbone.stages.0.0.grn.gamma'] == 0.
+    assert wd['neck.mask_token'] == 0. and wd['backbone.stages.0.0.norm.weight'] == 0.
+    assert wd['backbone.stages.0.0.pointwise_conv1.bias'] == 0.
+    assert wd['backbone.stages.0.0.pointwise_conv1.weight'] == 0.05
     after = runner.model.backbone.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     ckpt = torch.load(osp.join(str(tmp_path), 'iter_4.pth'), map_location='cpu',
