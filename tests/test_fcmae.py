@@ -198,3 +198,20 @@ def test_benchmark_smoke_and_cuda_requirement(tmp_path):
     for r in rows:
         assert r['smoke'] is True and r['ms'] > 0 and r['img_per_s'] > 0
         assert {'gpu', 'torch', 'commit', 'timestamp', 'peak_mem_mb'} <= set(r)
+
+
+def test_import_and_fcmae_without_mmpretrain():
+    """mmpretrain is optional: import works and FCMAE runs; nothing registered."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['mmpretrain'] = None; sys.modules['mmdet'] = None\n"
+            "import torch, convnextv2_fast as c\n"
+            "assert c.REGISTRATION['mmpretrain'] == 'not installed', c.REGISTRATION\n"
+            "from convnextv2_fast.models.fcmae import FCMAE\n"
+            "m = FCMAE(backbone=dict(arch=dict(depths=[1, 1, 1, 1], "
+            "channels=[8, 8, 8, 8])), decoder=dict(embed_dim=8))\n"
+            "assert torch.isfinite(m.loss(torch.randn(1, 3, 64, 64))['loss'])\n")
+    env = dict(__import__('os').environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
