@@ -157,5 +157,5 @@ if __name__ == '__main__':
 def run_suite(smoke: bool, device: torch.device, providers, progress=None):
     """Entry used by benchmarks/run.py."""
     cases = SMOKE_CASES if smoke else FULL_CASES
-    return run(cases, providers, device, warmup=1 if smoke else 3,
-               iters=2 if smoke else 10, progress=progress)
+    return run(cases, providers, device, progress=progress,
+               **common.iteration_budget(smoke))

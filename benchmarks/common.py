@@ -165,3 +165,14 @@ def add_speedups(rows: List[dict], key: Sequence[str],
         base = ref.get(tuple(r[k] for k in key))
         if base and r.get(time_col):
             r['speedup_vs_reference'] = base / r[time_col]
+
+
+def iteration_budget(smoke: bool) -> Dict[str, int]:
+    """(warmup, iters) for a suite: tiny for smoke, reduced when the
+    environment says ``BENCH_BUDGET=short`` (the GPU check script's time box),
+    full otherwise."""
+    if smoke:
+        return dict(warmup=1, iters=2)
+    if os.environ.get('BENCH_BUDGET') == 'short':
+        return dict(warmup=2, iters=5)
+    return dict(warmup=3, iters=10)

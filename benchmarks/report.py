@@ -69,3 +69,36 @@ def latest_tables(results_dir: str = common.RESULTS_DIR,
         chunks.append(f'#### {os.path.basename(path)}\n\n' +
                       (open(md).read() if os.path.exists(md) else ''))
     return '\n'.join(chunks) or '_No GPU results committed yet._\n'
+
+
+def update_readme(readme: str, results_dir: str = common.RESULTS_DIR) -> bool:
+    """Replace the README block between the results markers with the latest
+    committed (non-smoke) tables.  Returns True when the file changed."""
+    begin, end = '<!-- results:begin -->', '<!-- results:end -->'
+    with open(readme) as f:
+        text = f.read()
+    if begin not in text or end not in text:
+        raise ValueError(f'{readme} has no {begin} ... {end} block')
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = head + begin + '\n' + latest_tables(results_dir) + end + tail
+    if new != text:
+        with open(readme, 'w') as f:
+            f.write(new)
+    return new != text
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(
+        description='Regenerate the README results block from '
+        'benchmarks/results/ (non-smoke runs only).')
+    parser.add_argument('--readme', default=os.path.join(
+        os.path.dirname(common.RESULTS_DIR), '..', 'README.md'))
+    args = parser.parse_args(argv)
+    changed = update_readme(os.path.normpath(args.readme))
+    print('README updated' if changed else 'README already up to date')
+
+
+if __name__ == '__main__':
+    main()
