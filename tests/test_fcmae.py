@@ -187,17 +187,23 @@ def test_benchmark_smoke_and_cuda_requirement(tmp_path):
         'bench_fcmae', osp.join(ROOT, 'benchmarks', 'bench_fcmae.py'))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / 'rows.jsonl'
+    out = tmp_path / 'runs.json'
     if not torch.cuda.is_available():
         assert bench.main(['--out', str(out)]) == 2   # full run needs CUDA
         assert not out.exists()
     assert bench.main(['--smoke', '--out', str(out), '--modes', 'fwd+bwd',
-                       '--providers', 'sparse', 'dense_eager']) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r['provider'] for r in rows] == ['sparse', 'dense_eager']
+                       '--providers', 'fast', 'reference']) == 0
+    runs = json.loads(out.read_text())
+    assert len(runs) == 1
+    meta, rows = runs[0]['meta'], runs[0]['rows']
+    assert meta['smoke'] is True
+    assert {'device', 'torch', 'commit', 'timestamp'} <= set(meta)
+    assert [r['provider'] for r in rows] == ['fast', 'reference']
     for r in rows:
-        assert r['smoke'] is True and r['ms'] > 0 and r['img_per_s'] > 0
-        assert {'gpu', 'torch', 'commit', 'timestamp', 'peak_mem_mb'} <= set(r)
+        assert r['median_ms'] > 0 and r['img_per_s'] > 0 and 'peak_alloc_gib' in r
+    fast = rows[0]
+    assert fast['max_err_out'] < 1e-4          # sparse == dense-masked at visible sites
+    assert 0 < fast['visible_fraction'] < 1
 
 
 def test_import_and_fcmae_without_mmpretrain():

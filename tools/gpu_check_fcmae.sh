@@ -19,7 +19,8 @@ timeout 60 $PY -m pytest -q -m gpu -rs tests/test_sparse_dwconv.py \
     tests/test_sparse_encoder.py tests/test_fcmae.py
 
 echo "== benchmark (V2-B, 224^2, mask 0.6, bf16 autocast); rows -> benchmarks/results/"
-# torch.compile of the dense-masked V2-B takes a minute or two: only at batch 64
+# providers: fast = sparse, reference = dense-masked eager, compile = dense-masked
+# torch.compile (its V2-B compile takes a minute or two: only at batch 64)
 timeout 170 $PY benchmarks/bench_fcmae.py --batch 64 --iters 5 --warmup 2
 timeout 60 $PY benchmarks/bench_fcmae.py --batch 16 --iters 5 --warmup 2 \
-    --providers sparse dense_eager
+    --providers fast reference
