@@ -45,3 +45,14 @@ def sparse_grn(u: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     else:
         out = u * scale.index_select(0, layout.sample)
     return (out + beta.to(acc)).to(u.dtype)
+
+
+def sparse_grn_dense_masked_ref(u: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                                layout: StageLayout, eps: float = 1e-6) -> torch.Tensor:
+    """Reference: densify rows (zeros at masked sites) -> dense GRN
+    (:func:`convnextv2_fast.ops.reference.grn_ref`) -> rows at visible sites."""
+    from ..ops.reference import grn_ref
+    from .layout import densify
+    dense = densify(u, layout).permute(0, 2, 3, 1)          # (N, H, W, K)
+    out = grn_ref(dense, gamma, beta, eps)
+    return out.reshape(-1, u.shape[1]).index_select(0, layout.site_long())
