@@ -269,8 +269,8 @@ def dwconv_ln_backward(dz, x, dw_weight, dw_bias, ln_weight, mean, rstd,
         x, taps, dw_bias.detach().float().contiguous(),
         ln_weight.detach().float().contiguous(), dz, mean, rstd, dy, part,
         M, H, W, C, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
-    sums = part.sum(0)
-    d_lnw, d_lnb, d_b = sums[0], sums[1], sums[2]
+    # three separate reductions: the results must not alias each other
+    d_lnw, d_lnb, d_b = (part[:, i].sum(0) for i in range(3))
 
     dx = torch.empty((N, H, W, C), device=x.device,
                      dtype=dx_dtype or x.dtype)
