@@ -13,45 +13,18 @@ torch's ``nvidia/cu13/include`` pip package are added to the include path.
 """
 import glob
 import os
-import re
 import shutil
-import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, 'tools'))
+import cuda_build_env  # noqa: E402  (tools/cuda_build_env.py)
 
 
 def _env_flag(name):
     return os.environ.get(name, '0').lower() in ('1', 'true', 'yes', 'on')
-
-
-def _nvcc_cuda_home():
-    """CUDA root as nvcc reports it (`#$ TOP=<root>/bin/..`), or None."""
-    nvcc = shutil.which('nvcc')
-    if nvcc is None:
-        return None
-    try:
-        out = subprocess.run(
-            [nvcc, '-dryrun', '-c', '-x', 'cu', os.devnull, '-o', os.devnull],
-            capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r'^#\$ TOP=(.+)$', out.stdout + out.stderr, re.M)
-    return os.path.realpath(match.group(1).strip()) if match else None
-
-
-def _nvidia_pip_includes():
-    """Include dirs of the CUDA headers that torch's pip deps ship."""
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    dirs = []
-    for base in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(base, 'cu*', 'include')))
-        dirs += sorted(glob.glob(os.path.join(base, '*', 'include')))
-    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
 def get_extensions():
@@ -77,12 +50,9 @@ def get_extensions():
     sources = list(cpp)
     ext_cls = cpp_extension.CppExtension
     if with_cuda and cu:
-        if not os.environ.get('CUDA_HOME'):
-            home = _nvcc_cuda_home()
-            if home:
-                os.environ['CUDA_HOME'] = home
-                cpp_extension.CUDA_HOME = home
-        include_dirs += _nvidia_pip_includes()
+        include_dirs += cuda_build_env.apply(os.environ)
+        cpp_extension.CUDA_HOME = os.environ.get('CUDA_HOME',
+                                                 cpp_extension.CUDA_HOME)
         sources += cu
         ext_cls = cpp_extension.CUDAExtension
         define_macros.append(('WITH_CUDA', None))

@@ -134,11 +134,10 @@ class ConvNeXtV2Fast(BaseModule):
         self.frozen_stages = frozen_stages
         self.gap_before_final_norm = gap_before_final_norm
 
-        # stochastic depth decay rule (mmpretrain / mmcv)
-        dpr = [
-            x.item()
-            for x in torch.linspace(0, drop_path_rate, sum(self.depths))
-        ]
+        # stochastic depth decay rule (mmpretrain / mmcv); computed on the CPU
+        # so the model also builds under a `torch.device('meta')` context
+        dpr = torch.linspace(
+            0, drop_path_rate, sum(self.depths), device='cpu').tolist()
         block_idx = 0
 
         self.downsample_layers = ModuleList()

@@ -1,0 +1,1 @@
+"""Benchmark suite of convnextv2_fast (see benchmarks/run.py)."""

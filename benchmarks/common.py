@@ -1,0 +1,167 @@
+"""Shared benchmark machinery: timing, memory, saved activations, results.
+
+Results are data: every benchmark appends rows (dicts) to
+``benchmarks/results/<gpu>-<date>.json`` together with the environment
+(GPU name, torch/triton/mmcv versions, commit, timestamp); markdown tables and
+plots are generated from those files, never typed by hand.
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           'results')
+PROVIDERS = ('reference', 'compile', 'fast')
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'cpu-{platform.machine()}-{os.cpu_count()}cores'
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
+                              capture_output=True, text=True, timeout=10,
+                              cwd=RESULTS_DIR).stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def env_metadata(device: torch.device) -> dict:
+    meta = dict(device=device_name(device), torch=torch.__version__,
+                cuda=str(torch.version.cuda), commit=_commit(),
+                timestamp=datetime.datetime.now(
+                    datetime.timezone.utc).isoformat(timespec='seconds'))
+    for name in ('triton', 'mmcv', 'mmdet', 'mmpretrain'):
+        try:
+            meta[name] = __import__(name).__version__
+        except Exception:
+            meta[name] = None
+    return meta
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3,
+            iters: int = 10) -> Dict[str, float]:
+    """Median/min/max milliseconds of ``fn`` (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        if device.type == 'cuda':
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return dict(median_ms=statistics.median(times), min_ms=min(times),
+                max_ms=max(times), iters=iters)
+
+
+@contextmanager
+def peak_memory(device: torch.device, out: dict):
+    """Record peak allocated/reserved GiB of the block into ``out``."""
+    if device.type != 'cuda':
+        out.update(peak_alloc_gib=None, peak_reserved_gib=None)
+        yield
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    yield
+    torch.cuda.synchronize(device)
+    out.update(
+        peak_alloc_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+        peak_above_base_gib=(torch.cuda.max_memory_allocated(device) - base) /
+        2**30,
+        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
+
+
+@contextmanager
+def saved_activation_bytes(out: dict, exclude: Sequence[torch.Tensor] = ()):
+    """Count bytes of distinct storages autograd saves inside the block
+    (parameters in ``exclude`` are not activations)."""
+    seen, skip = set(), {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in skip:
+            seen.add(ptr)
+            out['saved_bytes'] = out.get('saved_bytes', 0) + \
+                t.untyped_storage().nbytes()
+        return t
+
+    out['saved_bytes'] = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def results_path(device: torch.device, date: Optional[str] = None) -> str:
+    date = date or datetime.date.today().isoformat()
+    slug = re.sub(r'[^A-Za-z0-9]+', '-', device_name(device)).strip('-')
+    return os.path.join(RESULTS_DIR, f'{slug}-{date}.json')
+
+
+def append_results(path: str, meta: dict, rows: List[dict]) -> str:
+    """Append one run (metadata + rows) to the JSON results file."""
+    runs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs.append(dict(meta=meta, rows=rows))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(runs, f, indent=1)
+    return path
+
+
+def _fmt(v):
+    if v is None:
+        return '-'
+    if isinstance(v, float):
+        return f'{v:.3g}' if abs(v) < 1000 else f'{v:.0f}'
+    return str(v)
+
+
+def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
+    lines = ['| ' + ' | '.join(columns) + ' |',
+             '|' + '---|' * len(columns)]
+    for row in rows:
+        lines.append('| ' + ' | '.join(_fmt(row.get(c)) for c in columns) +
+                     ' |')
+    return '\n'.join(lines)
+
+
+def add_speedups(rows: List[dict], key: Sequence[str],
+                 time_col: str = 'median_ms') -> None:
+    """Add ``speedup_vs_reference`` (reference time / time) to each row of
+    the same ``key`` group."""
+    ref = {tuple(r[k] for k in key): r[time_col] for r in rows
+           if r.get('provider') == 'reference' and r.get(time_col)}
+    for r in rows:
+        base = ref.get(tuple(r[k] for k in key))
+        if base and r.get(time_col):
+            r['speedup_vs_reference'] = base / r[time_col]

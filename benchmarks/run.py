@@ -1,0 +1,102 @@
+"""One entry point for the benchmark suite: ``python -m benchmarks``.
+
+Picks what the machine can run: full-size suites on a CUDA GPU; on a machine
+without one, the ``--smoke`` configuration (tiny models on the CPU, the fused
+Triton kernels in the Triton interpreter), which is what the README's main
+command and CI run.  Writes ``benchmarks/results/<device>-<date>.json``
+(appending), a markdown table ``.md`` beside it, and PNG plots.
+"""
+import argparse
+import importlib
+import os
+import sys
+
+from benchmarks import common
+
+SUITES = {
+    'backbone': 'benchmarks.bench_backbone',
+    'maskrcnn': 'benchmarks.bench_maskrcnn',
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='python -m benchmarks', description=__doc__.split('\n')[0])
+    parser.add_argument('--smoke', action='store_true',
+                        help='tiny CPU-sized configuration (about a minute)')
+    parser.add_argument('--suites', nargs='+', default=None,
+                        help=f'subset of {sorted(SUITES)} (default: all)')
+    parser.add_argument('--providers', nargs='+',
+                        default=None, help='subset of reference compile fast '
+                        '(default: all on GPU; reference fast in smoke)')
+    parser.add_argument('--out', default=None,
+                        help='results JSON path (default results/<device>-<date>.json)')
+    parser.add_argument('--no-plots', action='store_true')
+    args = parser.parse_args(argv)
+    for s in args.suites or []:
+        if s not in SUITES:
+            parser.error(f'--suites: unknown suite {s!r}; choose from '
+                         f'{sorted(SUITES)}')
+    for p in args.providers or []:
+        if p not in common.PROVIDERS:
+            parser.error(f'--providers: unknown provider {p!r}; choose from '
+                         f'{list(common.PROVIDERS)}')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    cuda = torch.cuda.is_available()
+    smoke = args.smoke or not cuda
+    if not cuda and not args.smoke:
+        print('No CUDA device: full-size benchmarks need a GPU; running the '
+              '--smoke configuration instead.')
+    if smoke and not cuda:
+        # exercise the fused kernels on the CPU through the Triton interpreter
+        os.environ.setdefault('TRITON_INTERPRET', '1')
+    device = torch.device('cuda' if cuda else 'cpu')
+    providers = args.providers or (['reference', 'fast'] if smoke else list(
+        common.PROVIDERS))
+    suites = args.suites or list(SUITES)
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    meta = common.env_metadata(device)
+    meta.update(smoke=smoke, providers=providers, argv=sys.argv[1:])
+    print(f"device: {meta['device']}  torch {meta['torch']}  triton "
+          f"{meta['triton']}  smoke={smoke}")
+    all_rows, tables = [], []
+    for name in suites:
+        module = importlib.import_module(SUITES[name])
+        bar = tqdm(desc=name, unit='case') if tqdm else None
+        rows = module.run_suite(smoke, device, providers,
+                                progress=(lambda r: bar.update(1))
+                                if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        all_rows += rows
+        tables.append(f'### {name}\n\n' +
+                      common.markdown_table(rows, module.COLUMNS))
+    path = args.out or common.results_path(device)
+    common.append_results(path, meta, all_rows)
+    header = (f"Device: {meta['device']} | torch {meta['torch']} | triton "
+              f"{meta['triton']} | commit {meta['commit']} | "
+              f"{meta['timestamp']}{' | SMOKE (tiny, CPU)' if smoke else ''}")
+    md = header + '\n\n' + '\n\n'.join(tables) + '\n'
+    md_path = os.path.splitext(path)[0] + '.md'
+    with open(md_path, 'w') as f:
+        f.write(md)
+    print(md)
+    if not args.no_plots:
+        from benchmarks.report import plot_rows
+        for png in plot_rows(all_rows, os.path.splitext(path)[0], meta):
+            print(f'plot: {png}')
+    print(f'results: {path}\ntable: {md_path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
