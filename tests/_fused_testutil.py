@@ -33,10 +33,11 @@ def poisoned_empty():
         torch.empty, torch.empty_like = real_empty, real_like
 
 
-def run_with_grads(fn, inputs, dtype, grad_out, poison=False):
+def run_with_grads(fn, inputs, dtype, grad_out, poison=False, device='cpu'):
     """Cast ``inputs`` to ``dtype`` (leaves requiring grad), run ``fn``,
     backprop ``grad_out``; return [output, grad_0, grad_1, ...]."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    leaves = [t.detach().to(device, dtype).requires_grad_() for t in inputs]
+    grad_out = grad_out.to(device)
     ctx = poisoned_empty() if poison else contextlib.nullcontext()
     with ctx:
         out = fn(*leaves)
@@ -44,12 +45,14 @@ def run_with_grads(fn, inputs, dtype, grad_out, poison=False):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def check_parity(names, fn, ref_fn, inputs, dtype, grad_out, hi=torch.float64):
+def check_parity(names, fn, ref_fn, inputs, dtype, grad_out, hi=torch.float64,
+                 device='cpu'):
     """Kernel vs same-dtype reference vs fp64 reference, output and every
     gradient, with the project's 2x-reference-error rule."""
-    cand = run_with_grads(fn, inputs, dtype, grad_out, poison=True)
-    same = run_with_grads(ref_fn, inputs, dtype, grad_out)
-    high = run_with_grads(ref_fn, inputs, hi, grad_out)
+    cand = run_with_grads(fn, inputs, dtype, grad_out, poison=True,
+                          device=device)
+    same = run_with_grads(ref_fn, inputs, dtype, grad_out, device=device)
+    high = run_with_grads(ref_fn, inputs, hi, grad_out, device=device)
     assert len(names) == len(cand)
     for name, c, s, h in zip(names, cand, same, high):
         assert c is not None, f'{name}: no gradient'

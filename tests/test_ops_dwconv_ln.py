@@ -75,3 +75,15 @@ def test_dwconv_ln_bad_inputs():
         dwconv_ln_forward(x, dw_w[:4], dw_b, ln_w, ln_b)
     with pytest.raises(ArgumentError, match='ln_bias must have shape'):
         dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b[:3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16,
+                                   torch.bfloat16])
+@pytest.mark.parametrize('shape', [(2, 128, 96, 80), (2, 1024, 25, 42)])
+def test_gpu_dwconv_ln_parity(shape, dtype):
+    inputs = _inputs(*shape)
+    grad = torch.randn(shape[0], shape[2], shape[3], shape[1])
+    check_parity(['z', 'dx', 'd_dw_weight', 'd_dw_bias', 'd_ln_weight',
+                  'd_ln_bias'], dwconv_ln, _ref, inputs, dtype, grad,
+                 device='cuda')

@@ -96,3 +96,15 @@ def test_grn_bad_inputs():
         grn_pw2_forward(h, gamma, beta, w2[:, :7], b2)
     with pytest.raises(ArgumentError, match='r must have shape'):
         scale_residual_forward(h, torch.ones(3, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16,
+                                   torch.bfloat16])
+@pytest.mark.parametrize('shape', [(2, 64 * 64, 512), (2, 25 * 42, 1024)])
+def test_gpu_gelu_grn_pw2_parity(shape, dtype):
+    inputs = _inputs(*shape)
+    grad = torch.randn(shape)
+    check_parity(['a', 'dh', 'd_grn_gamma', 'd_grn_beta', 'd_w2', 'd_b2'],
+                 gelu_grn_pw2, gelu_grn_pw2_ref, inputs, dtype, grad,
+                 device='cuda')
