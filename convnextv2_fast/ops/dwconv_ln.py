@@ -31,7 +31,8 @@ from .reference import LN_EPS
 
 
 @triton.jit
-def _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, FLIP: tl.constexpr):
+def _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, FLIP: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """fp32 [BLOCK_P, BLOCK_C] depthwise 7x7 conv (no bias) of pixel tile p.
 
     X: (M, C) NHWC input; Wt: (49, C) fp32 taps (tap = kh * 7 + kw).
@@ -42,7 +43,7 @@ def _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, FLIP: tl.constexpr):
     hw = p % HW
     h = hw // W
     w = hw % W
-    acc = tl.zeros((p.shape[0], c.shape[0]), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(7):
         if FLIP:
             hh = h - (kh - 3)
@@ -81,7 +82,8 @@ def _dwconv_ln_fwd_kernel(
     c = tl.arange(0, BLOCK_C)
     pmask = p < M
     cmask = c < C
-    acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False)
+    acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False, BLOCK_P,
+                       BLOCK_C)
     acc += tl.load(B + c, mask=cmask, other=0.)[None, :]
     mean = tl.sum(acc, axis=1) / C
     diff = tl.where(cmask[None, :], acc - mean[:, None], 0.)
@@ -116,7 +118,8 @@ def _dwconv_ln_bwd_kernel(
     pmask = p < M
     cmask = c < C
     m2 = pmask[:, None] & cmask[None, :]
-    acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False)
+    acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False, BLOCK_P,
+                       BLOCK_C)
     acc += tl.load(B + c, mask=cmask, other=0.)[None, :]
     mean = tl.load(MEAN + p, mask=pmask, other=0.)
     rstd = tl.load(RSTD + p, mask=pmask, other=0.)
@@ -151,7 +154,8 @@ def _dwconv_dgrad_kernel(
     pmask = p < M
     cmask = c < C
     m2 = pmask[:, None] & cmask[None, :]
-    acc = _dwconv_tile(DY, Wt, p, c, pmask, cmask, H, W, C, True)
+    acc = _dwconv_tile(DY, Wt, p, c, pmask, cmask, H, W, C, True, BLOCK_P,
+                       BLOCK_C)
     if HAS_RES:
         acc += tl.load(RES + p[:, None] * C + c[None, :], mask=m2,
                        other=0.).to(tl.float32)
