@@ -327,3 +327,19 @@ def test_gpu_recompute_saved_bytes(dtype):
     print(f'saved bytes / element with recompute ({dtype}): {per_elem:.3f}')
     assert per_elem <= 8.
     y.float().sum().backward()
+
+
+@pytest.mark.interpreter
+def test_block_with_cp_and_channels_first_input():
+    """with_cp (activation checkpointing) around the fused op, and an NCHW
+    contiguous (not channels_last) input, give the reference results."""
+    C, H, W = 8, 6, 5
+    blk = make_block(C)
+    x = block_input(2, C, H, W, torch.float32).contiguous()  # NCHW memory
+    grad = torch.randn(2, C, H, W)
+    cand_blk = variant(blk, torch.float32, 'triton')
+    cand_blk.with_cp = True
+    cand = run(cand_blk, x, grad)
+    ref = run(variant(blk, torch.float32, 'reference'), x, grad)
+    for n, c, r in zip(names(blk), cand, ref):
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4, msg=n)
