@@ -44,6 +44,7 @@ def is_interpreter() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: do not trace imports
 def triton_status() -> Tuple[bool, str]:
     """(available, reason): whether Triton imports and its version or error."""
     if importlib.util.find_spec('triton') is None:
@@ -56,6 +57,7 @@ def triton_status() -> Tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: do not trace imports
 def fused_status() -> Tuple[bool, str]:
     """(available, reason): whether the fused Triton block ops import."""
     ok, why = triton_status()

@@ -126,3 +126,34 @@ def block_ref(x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, grn_gamma,
     if ls_gamma is not None:
         y = y.mul(ls_gamma.view(1, -1, 1, 1))
     return shortcut + drop_path_ref(y, drop_prob, training)
+
+
+def gelu_grn_pw2_ref(h, grn_gamma, grn_beta, w2, b2, eps=GRN_EPS, upcast=False):
+    """``pw2(GRN(GELU(h)))`` of a channels-last (N, H, W, K) or (N, HW, K) h.
+
+    The reference of :mod:`convnextv2_fast.ops.gelu_grn` (a 3-D input is
+    treated as (N, 1, HW, K) for the GRN's spatial reduction).
+    """
+    dtype = h.dtype
+    h, grn_gamma, grn_beta, w2, b2 = (_up(t, upcast) for t in
+                                      (h, grn_gamma, grn_beta, w2, b2))
+    u = F.gelu(h)
+    squeeze = u.dim() == 3
+    if squeeze:
+        u = u.unsqueeze(1)
+    y = F.linear(grn_ref(u, grn_gamma, grn_beta, eps), w2, b2)
+    if squeeze:
+        y = y.squeeze(1)
+    return y.to(dtype) if upcast else y
+
+
+def scale_residual_ref(a, r, res=None, upcast=False):
+    """``res + a * r[n, c]`` of (N, HW, C) tensors; ``r`` (N, C) (layer scale
+    times drop-path keep scale).  The reference of
+    :mod:`convnextv2_fast.ops.layer_scale_residual`."""
+    dtype = res.dtype if res is not None else a.dtype
+    a, r, res = _up(a, upcast), _up(r, upcast), _up(res, upcast)
+    out = a * r[:, None, :]
+    if res is not None:
+        out = res + out
+    return out.to(dtype) if upcast else out

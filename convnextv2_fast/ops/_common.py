@@ -1,0 +1,58 @@
+"""Helpers shared by the Triton ops (validation, block-size choice).
+
+No ``torch.cuda`` call happens here at import time.
+"""
+import os
+
+import torch
+import triton
+
+from .._errors import ArgumentError
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_interpreter() -> bool:
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def check_tensor(t, name, ndim=None, dtypes=SUPPORTED_DTYPES, contiguous=True,
+                 shape=None):
+    """Validate ``t``; raise TypeError / ArgumentError naming ``name``."""
+    if not torch.is_tensor(t):
+        raise TypeError(f'{name} must be a torch.Tensor, got {type(t)}.')
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(
+            f'{name} must have dtype in {[str(d) for d in dtypes]}, '
+            f'got {t.dtype}.')
+    if ndim is not None and t.dim() != ndim:
+        raise ArgumentError(
+            f'{name} must be {ndim}-D, got shape {tuple(t.shape)}.')
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ArgumentError(
+            f'{name} must have shape {tuple(shape)}, got {tuple(t.shape)}.')
+    if contiguous and not t.is_contiguous():
+        raise ArgumentError(f'{name} must be contiguous (stride '
+                            f'{t.stride()} for shape {tuple(t.shape)}).')
+    return t
+
+
+def check_same_device(name_tensor_pairs):
+    devs = {t.device for _, t in name_tensor_pairs if t is not None}
+    if len(devs) > 1:
+        names = ', '.join(n for n, t in name_tensor_pairs if t is not None)
+        raise ArgumentError(f'{names} must be on one device, got {devs}.')
+
+
+def pixel_block(block_c: int) -> int:
+    """Pixels per program for a [BLOCK_P, BLOCK_C] tile.
+
+    The interpreter pays ~ms per program instance, so it gets big tiles; on a
+    GPU the tile is kept at ~4K fp32 values (registers).
+    """
+    budget = 16384 if is_interpreter() else 4096
+    return max(1, min(256 if is_interpreter() else 64, budget // block_c))
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(int(n))

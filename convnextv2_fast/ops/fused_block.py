@@ -1,0 +1,289 @@
+"""The fused ConvNeXt V2 block: ``x + drop_path(ls * pw2(GRN(GELU(pw1(LN(dw(x)))))))``.
+
+Pipeline (all activations channels-last, (N, H, W, C) / (N, HW, 4C)):
+
+====================  =====================================================
+dw 7x7 + bias + LN     Triton (:mod:`.dwconv_ln`), fp32 mean/rstd
+pw1 (+ bias)           torch ``F.linear`` (cuBLAS) in the compute dtype
+GELU + GRN sum u^2     Triton (:mod:`.gelu_grn`), deterministic partials
+GRN apply + pw2        torch ``baddbmm`` with the GRN folded into a
+                       per-sample column scale of W2 and ``W2 beta + b2``
+layer scale, drop      Triton (:mod:`.layer_scale_residual`): one
+path, residual         per-(sample, channel) scale ``r`` + residual add
+====================  =====================================================
+
+Backward: Triton for the GELU/GRN passes (second global reduction
+``sum_p dv*u``), the LN backward (conv output recomputed in-kernel), the
+flipped-kernel dgrad (plus the residual grad) and the depthwise wgrad
+(per-program fp32 partials, torch sum: no atomics, bit-reproducible); torch
+GEMMs for pw1/pw2 data and weight grads.
+
+Recompute switch
+----------------
+``save`` (default) keeps x, the LN output z and the pw1 output h (1 + 1 + 4
+elements per block element; 12 B/elem in bf16 vs ~48 for the reference under
+AMP).  ``recompute`` keeps only x and the (N, 4C) fp32 GRN sums of squares:
+the backward redoes dwconv+LN and pw1.  That is ``sizeof(x.dtype)`` + a few
+bytes per sample per channel: 2 B/elem for bf16, 4 B/elem for fp32 (<= 8).
+Select it per block with ``block.fused_recompute = True`` or for the process
+with the environment variable ``CONVNEXTV2_FAST_RECOMPUTE=1`` (the block
+attribute wins when set).  Without grad (inference) nothing is saved.
+
+Precision: inputs fp32/fp16/bf16.  Under ``torch.autocast`` the compute dtype
+is the autocast dtype (z, h and the GEMMs), all kernel math is fp32 with one
+cast at the store, GRN statistics are fp32, and the output has x's dtype —
+what the reference produces (its residual add promotes to the stream dtype).
+
+torch.compile: forward and backward are ``torch.library.custom_op`` ops
+(``convnextv2_fast::block_fwd`` / ``block_bwd``) with fake implementations,
+wrapped in a thin ``torch.autograd.Function``; Dynamo traces through without a
+graph break and treats the Triton work as opaque.
+"""
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._errors import ArgumentError
+from ._common import check_tensor
+from .dwconv_ln import dwconv_ln_backward, dwconv_ln_forward
+from .gelu_grn import grn_pw2_backward, grn_pw2_forward
+from .layer_scale_residual import scale_residual_forward
+from .reference import GRN_EPS, LN_EPS, drop_path_mask
+
+RECOMPUTE_ENV = 'CONVNEXTV2_FAST_RECOMPUTE'
+
+
+# --------------------------------------------------------------------------
+# host functions
+# --------------------------------------------------------------------------
+def _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2,
+                      r):
+    check_tensor(x, 'x', ndim=4)
+    N, H, W, C = x.shape
+    K = w1.shape[0] if w1.dim() >= 1 else -1
+    for name, t, shape in (('dw_weight', dw_w, (C, 1, 7, 7)),
+                           ('dw_bias', dw_b, (C, )), ('ln_weight', ln_w, (C, )),
+                           ('ln_bias', ln_b, (C, )), ('w1', w1, (K, C)),
+                           ('b1', b1, (K, )), ('grn_gamma', gamma, (K, )),
+                           ('grn_beta', beta, (K, )), ('w2', w2, (C, K)),
+                           ('b2', b2, (C, )),
+                           ('r', r, (N, C))):
+        check_tensor(t, name, shape=shape, contiguous=False)
+    if r.dtype != torch.float32:
+        raise TypeError(f'r must be float32, got {r.dtype}.')
+    return N, H, W, C, K
+
+
+def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
+                        b2, r, ln_eps=LN_EPS, grn_eps=GRN_EPS,
+                        compute_dtype=None, save=True):
+    """Forward of one block on an (N, H, W, C) contiguous ``x``.
+
+    ``r`` (N, C) fp32: layer scale x drop-path keep scale.  Returns
+    ``(out, z, h, mean, rstd, S)``; z/h/mean/rstd are empty when ``save`` is
+    False (recompute mode).
+    """
+    N, H, W, C, K = _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1,
+                                      gamma, beta, w2, b2, r)
+    cd = compute_dtype or x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b, ln_eps,
+                                          out_dtype=cd)
+        h = F.linear(z.view(-1, C), w1.detach().to(cd),
+                     b1.detach().to(cd)).view(N, H * W, K)
+        a, S = grn_pw2_forward(h, gamma, beta, w2, b2, grn_eps)
+        out = scale_residual_forward(a, r.detach(), x.view(N, H * W, C),
+                                     out_dtype=x.dtype)
+    out = out.view(N, H, W, C)
+    if not save:
+        empty = x.new_empty((0, ), dtype=cd)
+        z, h = empty, empty.clone()
+        mean = x.new_empty((0, ), dtype=torch.float32)
+        rstd = mean.clone()
+    return out, z, h, mean, rstd, S
+
+
+def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
+                         w1, b1, gamma, beta, w2, b2, r, ln_eps=LN_EPS,
+                         grn_eps=GRN_EPS, compute_dtype=None, save=True):
+    """All grads of :func:`fused_block_forward` (fp32 weight grads):
+    ``(dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b, d_w1, d_b1, d_gamma, d_beta, d_w2,
+    d_b2, d_r)``."""
+    N, H, W, C, K = _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1,
+                                      gamma, beta, w2, b2, r)
+    check_tensor(dout, 'dout', shape=tuple(x.shape))
+    cd = compute_dtype or x.dtype
+    M = N * H * W
+    with torch.autocast(x.device.type, enabled=False):
+        w1c = w1.detach().to(cd)
+        if not save:
+            z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b,
+                                              ln_eps, out_dtype=cd)
+            h = F.linear(z.view(-1, C), w1c,
+                         b1.detach().to(cd)).view(N, H * W, K)
+        dh, dgamma, dbeta, dw2, db2, dr = grn_pw2_backward(
+            dout.view(N, H * W, C), r.detach(), h, S, gamma, beta, w2, b2,
+            grn_eps)
+        dh2 = dh.view(M, K)
+        dz = torch.mm(dh2, w1c)
+        dw1 = torch.mm(dh2.t(), z.view(M, C)).float()
+        db1 = dh2.sum(0, dtype=torch.float32)
+        del dh, dh2
+        dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b = dwconv_ln_backward(
+            dz.view(N, H, W, C), x, dw_w, dw_b, ln_w, mean, rstd, dres=dout,
+            dx_dtype=x.dtype)
+    return (dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b, dw1, db1, dgamma, dbeta, dw2,
+            db2, dr)
+
+
+# --------------------------------------------------------------------------
+# custom ops (torch.compile sees these as opaque nodes with fake impls)
+# --------------------------------------------------------------------------
+@torch.library.custom_op('convnextv2_fast::block_fwd', mutates_args=())
+def _block_fwd_op(x: Tensor, dw_w: Tensor, dw_b: Tensor, ln_w: Tensor,
+                  ln_b: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor,
+                  beta: Tensor, w2: Tensor, b2: Tensor, r: Tensor,
+                  ln_eps: float, grn_eps: float, compute_dtype: torch.dtype,
+                  save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                       Tensor]:
+    return fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta,
+                               w2, b2, r, ln_eps, grn_eps, compute_dtype, save)
+
+
+@_block_fwd_op.register_fake
+def _(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
+      grn_eps, compute_dtype, save):
+    N, H, W, C = x.shape
+    K = w1.shape[0]
+    f32 = torch.float32
+    if save:
+        z = x.new_empty((N, H, W, C), dtype=compute_dtype)
+        h = x.new_empty((N, H * W, K), dtype=compute_dtype)
+        mean = x.new_empty((N * H * W, ), dtype=f32)
+        rstd = x.new_empty((N * H * W, ), dtype=f32)
+    else:
+        z = x.new_empty((0, ), dtype=compute_dtype)
+        h = x.new_empty((0, ), dtype=compute_dtype)
+        mean = x.new_empty((0, ), dtype=f32)
+        rstd = x.new_empty((0, ), dtype=f32)
+    return (x.new_empty(x.shape), z, h, mean, rstd,
+            x.new_empty((N, K), dtype=f32))
+
+
+@torch.library.custom_op('convnextv2_fast::block_bwd', mutates_args=())
+def _block_bwd_op(dout: Tensor, x: Tensor, z: Tensor, h: Tensor, mean: Tensor,
+                  rstd: Tensor, S: Tensor, dw_w: Tensor, dw_b: Tensor,
+                  ln_w: Tensor, ln_b: Tensor, w1: Tensor, b1: Tensor,
+                  gamma: Tensor, beta: Tensor, w2: Tensor, b2: Tensor,
+                  r: Tensor, ln_eps: float, grn_eps: float,
+                  compute_dtype: torch.dtype, save: bool) -> List[Tensor]:
+    return list(fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b,
+                                     ln_w, ln_b, w1, b1, gamma, beta, w2, b2,
+                                     r, ln_eps, grn_eps, compute_dtype, save))
+
+
+@_block_bwd_op.register_fake
+def _(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
+      beta, w2, b2, r, ln_eps, grn_eps, compute_dtype, save):
+    f32 = torch.float32
+    return [x.new_empty(x.shape)] + [
+        t.new_empty(t.shape, dtype=f32)
+        for t in (dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r)]
+
+
+class FusedBlockFunction(torch.autograd.Function):
+    """Thin autograd wrapper around the block_fwd / block_bwd ops."""
+
+    @staticmethod
+    def forward(ctx, x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r,
+                ln_eps, grn_eps, compute_dtype, save):
+        out, z, h, mean, rstd, S = _block_fwd_op(
+            x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
+            grn_eps, compute_dtype, save)
+        ctx.save_for_backward(x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
+                              w1, b1, gamma, beta, w2, b2, r)
+        ctx.cfg = (ln_eps, grn_eps, compute_dtype, save)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        saved = ctx.saved_tensors
+        grads = _block_bwd_op(dout.contiguous(), *saved, *ctx.cfg)
+        params = saved[6:]
+        grads = [grads[0]] + [g.to(p.dtype) for g, p in zip(grads[1:], params)]
+        return (*grads, None, None, None, None)
+
+
+def fused_block(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r,
+                ln_eps=LN_EPS, grn_eps=GRN_EPS, compute_dtype=None,
+                recompute=False):
+    """Functional fused block on an (N, H, W, C) contiguous ``x``."""
+    cd = compute_dtype or x.dtype
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
+                                  beta, w2, b2, r))
+    return FusedBlockFunction.apply(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
+                                    beta, w2, b2, r, float(ln_eps),
+                                    float(grn_eps), cd,
+                                    bool(grad and not recompute))
+
+
+# --------------------------------------------------------------------------
+# module entry point (called by ConvNeXtV2Block._fused_forward)
+# --------------------------------------------------------------------------
+def recompute_enabled(block) -> bool:
+    """``block.fused_recompute`` if set, else ``CONVNEXTV2_FAST_RECOMPUTE``."""
+    flag = getattr(block, 'fused_recompute', None)
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get(RECOMPUTE_ENV, '0').strip().lower() in ('1', 'true',
+                                                                 'yes')
+
+
+def compute_dtype_for(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def fused_block_module_forward(block, x: Tensor) -> Tensor:
+    """Run ``block`` (a :class:`ConvNeXtV2Block`) on NCHW ``x`` with the
+    fused ops; returns NCHW in channels_last memory format, dtype x.dtype."""
+    if not torch.is_tensor(x) or x.dim() != 4:
+        raise ArgumentError('x must be a 4-D (N, C, H, W) tensor, got '
+                            f'{tuple(x.shape) if torch.is_tensor(x) else type(x)}.')
+    N, C, H, W = x.shape
+    if block.depthwise_conv.weight.shape[0] != C:
+        raise ArgumentError(
+            f'x has {C} channels but the block was built for '
+            f'{block.depthwise_conv.weight.shape[0]}.')
+    xn = x.permute(0, 2, 3, 1)
+    if not xn.is_contiguous():
+        xn = xn.contiguous()
+    cd = compute_dtype_for(x)
+    w1 = block.pointwise_conv1.weight
+    w2 = block.pointwise_conv2.weight
+    w1 = w1.view(w1.shape[0], w1.shape[1])
+    w2 = w2.view(w2.shape[0], w2.shape[1])
+    ls = block.gamma
+    r = torch.ones((N, C), device=x.device, dtype=torch.float32)
+    if ls is not None:
+        r = r * ls.float()[None, :]
+    drop_prob = block.drop_prob
+    if block.training and drop_prob > 0.:
+        # The reference draws the mask with the dtype of its branch output.
+        ydtype = cd if ls is None else torch.promote_types(cd, ls.dtype)
+        mask = drop_path_mask(x.new_empty((N, 1, 1, 1), dtype=ydtype),
+                              drop_prob)
+        r = r * (mask.float().view(N, 1) / (1. - drop_prob))
+    out = fused_block(xn, block.depthwise_conv.weight,
+                      block.depthwise_conv.bias, block.norm.weight,
+                      block.norm.bias, w1, block.pointwise_conv1.bias,
+                      block.grn.gamma, block.grn.beta, w2,
+                      block.pointwise_conv2.bias, r, ln_eps=block.norm.eps,
+                      grn_eps=block.grn.eps, compute_dtype=cd,
+                      recompute=recompute_enabled(block))
+    return out.permute(0, 3, 1, 2)
