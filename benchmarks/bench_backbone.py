@@ -12,7 +12,6 @@ error against the reference (outputs and, for fwd+bwd, input gradients).
 """
 import argparse
 import copy
-import os
 from typing import List
 
 import torch
@@ -21,6 +20,7 @@ from benchmarks import common
 from convnextv2_fast import ConvNeXtV2Fast
 from convnextv2_fast.impl import fused_status, is_interpreter
 from convnextv2_fast.testing import max_abs_err, randomize_
+from convnextv2_fast.testing.memory import SavedTensorBytes
 
 FULL_CASES = [  # (arch, N, H, W)
     ('base', 2, 1024, 1024), ('base', 4, 1024, 1024),
@@ -106,13 +106,13 @@ def run(cases, providers, device, modes=('fwd', 'fwd+bwd'), warmup=3,
                 model.zero_grad(set_to_none=True)
                 del outs, gx
                 if mode == 'fwd+bwd':
-                    with common.saved_activation_bytes(
-                            row, exclude=list(model.parameters())):
+                    with SavedTensorBytes(
+                            exclude=list(model.parameters())) as saved:
                         with torch.autocast(device.type, torch.float16,
                                             enabled=amp):
                             outs = model(x.detach().requires_grad_(True))
                     del outs
-                    row['saved_MiB'] = row.pop('saved_bytes') / 2**20
+                    row['saved_MiB'] = saved.bytes / 2**20
 
                 def fn():
                     _step(model, x, mode, amp)

@@ -24,14 +24,11 @@ Usage:
                                               # interpreter), rows marked smoke
   python benchmarks/bench_block.py --table    # markdown from stored rows
   pytest benchmarks/bench_block.py            # pytest-benchmark (CUDA only)
-Rows are appended to ``benchmarks/results/block-<device>.jsonl``.
+Runs are appended to ``benchmarks/results/<device>-<date>.json`` (the
+suite's common format, see ``benchmarks/common.py``).
 """
 import argparse
-import copy
-import datetime
-import json
 import os
-import re
 import sys
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +42,7 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 from convnextv2_fast.models import ConvNeXtV2Block  # noqa: E402
 from convnextv2_fast.testing import max_abs_err  # noqa: E402
+from convnextv2_fast.testing.memory import SavedTensorBytes  # noqa: E402
 
 PROVIDERS = ('reference', 'compile', 'fast', 'fast_recompute')
 MODES = ('fwd', 'fwd+bwd')
@@ -109,14 +107,13 @@ def bench_one(shape, provider, mode, device, dtype, amp_dtype, warmup=5,
     out = _step(module, x, mode, amp_dtype, grad)  # warm / compile
     row['out'] = out.detach().float()
     if mode == 'fwd+bwd':
-        with common.saved_activation_bytes(row,
-                                           exclude=list(blk.parameters())):
+        with SavedTensorBytes(exclude=list(blk.parameters())) as saved:
             with torch.autocast(device.type, dtype=amp_dtype,
                                 enabled=amp_dtype is not None):
                 y = module(x)
         del y
-        row['saved_MiB'] = row['saved_bytes'] / 2**20
-        row['saved_B_per_elem'] = row.pop('saved_bytes') / x.numel()
+        row['saved_MiB'] = saved.bytes / 2**20
+        row['saved_B_per_elem'] = saved.bytes / x.numel()
 
     def fn():
         _step(module, x, mode, amp_dtype, grad)
@@ -157,49 +154,18 @@ def run(shapes, providers, modes, device, dtype, amp_dtype, warmup=5,
     return rows
 
 
-def results_file(device, results_dir=None):
-    slug = re.sub(r'[^A-Za-z0-9]+', '-', common.device_name(device)).strip('-')
-    return os.path.join(results_dir or common.RESULTS_DIR,
-                        f'block-{slug}.jsonl')
-
-
-def append_rows(path, rows, device):
-    """Append rows (one JSON object per line) with the run's environment."""
-    meta = common.env_metadata(device)
-    try:  # the commit of this checkout (common's lookup runs in results/)
-        import subprocess
-        meta['commit'] = subprocess.run(
-            ['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-            text=True, timeout=10, cwd=_HERE).stdout.strip() or meta['commit']
-    except (OSError, subprocess.SubprocessError):
-        pass
-    meta['timestamp'] = datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec='seconds')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'a') as f:
-        for row in rows:
-            f.write(json.dumps(dict(meta, **row)) + '\n')
-    return path
-
-
-def load_rows(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def render_markdown(rows, columns=COLUMNS):
-    """Markdown table (grouped per device/commit) from stored rows."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r.get('device'), r.get('commit'), r.get('torch'),
-                           r.get('triton')), []).append(r)
-    parts = []
-    for (dev, commit, tv, trv), rs in groups.items():
-        parts.append(f'### {dev} (commit {commit}, torch {tv}, triton {trv})'
-                     '\n')
-        parts.append(common.markdown_table(rs, columns))
-        parts.append('')
-    return '\n'.join(parts)
+def run_suite(smoke: bool, device: torch.device, providers, progress=None):
+    """Entry used by benchmarks/run.py: bf16 autocast on CUDA (fp32 in the
+    smoke run); 'fast' also runs its recompute variant."""
+    providers = list(providers) + (['fast_recompute']
+                                   if 'fast' in providers else [])
+    if smoke:
+        return run(SMOKE_SHAPES, providers, MODES, device, torch.float32,
+                   None, smoke=True, progress=progress,
+                   **common.iteration_budget(True))
+    return run(SHAPES, providers, MODES, device, torch.bfloat16,
+               torch.bfloat16, progress=progress,
+               **common.iteration_budget(False))
 
 
 def main(argv=None):
@@ -220,9 +186,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')
-    path = results_file(device, args.results_dir)
+    path = common.results_path(device)
+    if args.results_dir:
+        path = os.path.join(args.results_dir, os.path.basename(path))
     if args.table:
-        print(render_markdown(load_rows(path)))
+        print(common.render_runs(common.load_runs(path), COLUMNS))
         return 0
     if not cuda and not args.smoke:
         print('bench_block.py needs a CUDA GPU (full-size shapes). On this '
@@ -247,9 +215,11 @@ def main(argv=None):
                progress=lambda r: print(
                    f"{r['shape']:>11} {r['mode']:>8} {r['provider']:>15} "
                    f"{r['median_ms']:9.3f} ms", flush=True))
-    append_rows(path, rows, device)
+    meta = common.env_metadata(device)
+    meta.update(smoke=args.smoke, bench='block')
+    common.append_results(path, meta, rows)
     print(common.markdown_table(rows, COLUMNS))
-    print(f'rows appended to {path}')
+    print(f'run appended to {path}')
     return 0
 
 

@@ -33,7 +33,8 @@ def _commit() -> str:
     try:
         return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'],
                               capture_output=True, text=True, timeout=10,
-                              cwd=RESULTS_DIR).stdout.strip() or 'unknown'
+                              cwd=os.path.dirname(RESULTS_DIR)
+                              ).stdout.strip() or 'unknown'
     except (OSError, subprocess.SubprocessError):
         return 'unknown'
 
@@ -100,25 +101,6 @@ def peak_memory(device: torch.device, out: dict):
         peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
 
 
-@contextmanager
-def saved_activation_bytes(out: dict, exclude: Sequence[torch.Tensor] = ()):
-    """Count bytes of distinct storages autograd saves inside the block
-    (parameters in ``exclude`` are not activations)."""
-    seen, skip = set(), {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen and ptr not in skip:
-            seen.add(ptr)
-            out['saved_bytes'] = out.get('saved_bytes', 0) + \
-                t.untyped_storage().nbytes()
-        return t
-
-    out['saved_bytes'] = 0
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
-
-
 def results_path(device: torch.device, date: Optional[str] = None) -> str:
     date = date or datetime.date.today().isoformat()
     slug = re.sub(r'[^A-Za-z0-9]+', '-', device_name(device)).strip('-')
@@ -136,6 +118,24 @@ def append_results(path: str, meta: dict, rows: List[dict]) -> str:
     with open(path, 'w') as f:
         json.dump(runs, f, indent=1)
     return path
+
+
+def load_runs(path: str) -> List[dict]:
+    """The runs (``{'meta': ..., 'rows': [...]}``) stored in a results file."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def render_runs(runs: List[dict], columns: Sequence[str]) -> str:
+    """Markdown: one table per stored run, headed by its environment."""
+    parts = []
+    for run in runs:
+        m = run['meta']
+        parts.append(f"#### {m.get('device')} | torch {m.get('torch')} | "
+                     f"triton {m.get('triton')} | commit {m.get('commit')} | "
+                     f"{m.get('timestamp')}{' | smoke' if m.get('smoke') else ''}"
+                     f"\n\n{markdown_table(run['rows'], columns)}\n")
+    return '\n'.join(parts)
 
 
 def _fmt(v):

@@ -14,8 +14,10 @@ import sys
 from benchmarks import common
 
 SUITES = {
+    'block': 'benchmarks.bench_block',
     'backbone': 'benchmarks.bench_backbone',
     'maskrcnn': 'benchmarks.bench_maskrcnn',
+    'fcmae': 'benchmarks.bench_fcmae',
 }
 
 
@@ -84,7 +86,11 @@ def main(argv=None):
     common.append_results(path, meta, all_rows)
     header = (f"Device: {meta['device']} | torch {meta['torch']} | triton "
               f"{meta['triton']} | commit {meta['commit']} | "
-              f"{meta['timestamp']}{' | SMOKE (tiny, CPU)' if smoke else ''}")
+              f"{meta['timestamp']}")
+    if smoke:
+        header += ('\n\nSMOKE run: tiny shapes; a code-path and parity check, '
+                   'not a performance measurement (on a CPU the fused '
+                   'kernels run in the Triton interpreter).')
     md = header + '\n\n' + '\n\n'.join(tables) + '\n'
     md_path = os.path.splitext(path)[0] + '.md'
     with open(md_path, 'w') as f:

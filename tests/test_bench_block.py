@@ -6,6 +6,7 @@ import os
 import pytest
 
 bench = pytest.importorskip('benchmarks.bench_block')
+common = pytest.importorskip('benchmarks.common')
 
 
 @pytest.mark.interpreter
@@ -15,17 +16,20 @@ def test_bench_block_smoke(tmp_path, capsys):
                      str(tmp_path)])
     assert rc == 0
     files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith('block-')
-    rows = bench.load_rows(os.path.join(tmp_path, files[0]))
+    assert len(files) == 1 and files[0].endswith('.json')
+    runs = common.load_runs(os.path.join(tmp_path, files[0]))
+    assert len(runs) == 1
+    meta, rows = runs[0]['meta'], runs[0]['rows']
+    assert meta['smoke'] is True and meta['torch'] and 'commit' in meta
+    assert 'timestamp' in meta
     assert [r['provider'] for r in rows] == ['reference', 'fast_recompute']
     for r in rows:
         assert r['smoke'] is True and r['median_ms'] > 0
-        assert r['torch'] and 'commit' in r and 'timestamp' in r
         assert r['saved_B_per_elem'] > 0
     fast = rows[1]
     assert fast['max_err_out'] < 1e-4
     assert fast['saved_B_per_elem'] <= 8 < rows[0]['saved_B_per_elem']
-    table = bench.render_markdown(rows)
+    table = common.render_runs(runs, bench.COLUMNS)
     assert '| fast_recompute |' in table
     json.dumps(rows)
 

@@ -1,7 +1,6 @@
 """The fused block (ops.fused_block) vs the reference block, and the backbone
 with impl='triton' vs impl='reference' (interpreter on CPU; GPU tests marked)."""
 import copy
-import os
 
 import pytest
 import torch

@@ -40,7 +40,7 @@ wrapped in a thin ``torch.autograd.Function``; Dynamo traces through without a
 graph break and treats the Triton work as opaque.
 """
 import os
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F

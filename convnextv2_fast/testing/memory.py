@@ -38,9 +38,3 @@ class SavedTensorBytes:
         self._hooks.__exit__(*exc)
         return False
 
-
-def saved_activation_bytes(fn, *args, exclude=()):
-    """Run ``fn(*args)`` and return ``(output, saved_bytes)``."""
-    with SavedTensorBytes(exclude=exclude) as counter:
-        out = fn(*args)
-    return out, counter.bytes
