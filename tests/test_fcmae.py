@@ -102,7 +102,9 @@ def test_forward_modes_and_predict():
 
 def test_registered_in_mmpretrain():
     pytest.importorskip('mmpretrain')
+    from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
+    init_default_scope('mmpretrain')  # as the configs' default_scope does
     model = MODELS.build(dict(
         type='FCMAE', backbone=dict(type='SparseConvNeXtV2', arch=ARCH),
         decoder=dict(embed_dim=16),
@@ -121,7 +123,9 @@ def test_base_config_parses():
     assert cfg.custom_imports == dict(imports=['convnextv2_fast'],
                                       allow_failed_imports=False)
     pytest.importorskip('mmpretrain')
+    from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
+    init_default_scope(cfg.default_scope)
     model = MODELS.build(cfg.model)
     n_enc = sum(p.numel() for p in model.backbone.parameters())
     # V2-B backbone (87,694,592) minus its four output norms, which FCMAE lacks
