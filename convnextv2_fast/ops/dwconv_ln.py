@@ -66,6 +66,18 @@ def _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, FLIP: tl.constexpr,
 
 
 @triton.jit
+def _pixel_tile(M, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: (pid, pixel rows p, channels c, their masks, and
+    the 2-D mask) of a (BLOCK_P, BLOCK_C) block of an (M, C) NHWC tensor."""
+    pid = tl.program_id(0).to(tl.int64)
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    pmask = p < M
+    cmask = c < C
+    return pid, p, c, pmask, cmask, pmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _dwconv_ln_fwd_kernel(
         X,  # (M, C) NHWC input, M = N*H*W
         Wt,  # (49, C) fp32 conv taps
@@ -77,11 +89,7 @@ def _dwconv_ln_fwd_kernel(
         RSTD,  # (M,) fp32 out
         M, H, W, C, eps,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    p = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    pmask = p < M
-    cmask = c < C
+    pid, p, c, pmask, cmask, m2 = _pixel_tile(M, C, BLOCK_P, BLOCK_C)
     acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False, BLOCK_P,
                        BLOCK_C)
     acc += tl.load(B + c, mask=cmask, other=0.)[None, :]
@@ -92,7 +100,6 @@ def _dwconv_ln_fwd_kernel(
     lnw = tl.load(LNW + c, mask=cmask, other=0.)
     lnb = tl.load(LNB + c, mask=cmask, other=0.)
     z = diff * rstd[:, None] * lnw[None, :] + lnb[None, :]
-    m2 = pmask[:, None] & cmask[None, :]
     tl.store(Z + p[:, None] * C + c[None, :], z.to(Z.dtype.element_ty),
              mask=m2)
     tl.store(MEAN + p, mean, mask=pmask)
@@ -112,12 +119,7 @@ def _dwconv_ln_bwd_kernel(
         PART,  # (num_programs, 3, C) fp32 out: sums of dz*xhat, dz, dy
         M, H, W, C,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    p = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    pmask = p < M
-    cmask = c < C
-    m2 = pmask[:, None] & cmask[None, :]
+    pid, p, c, pmask, cmask, m2 = _pixel_tile(M, C, BLOCK_P, BLOCK_C)
     acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False, BLOCK_P,
                        BLOCK_C)
     acc += tl.load(B + c, mask=cmask, other=0.)[None, :]
@@ -148,12 +150,7 @@ def _dwconv_dgrad_kernel(
         M, H, W, C,
         HAS_RES: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    p = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    pmask = p < M
-    cmask = c < C
-    m2 = pmask[:, None] & cmask[None, :]
+    pid, p, c, pmask, cmask, m2 = _pixel_tile(M, C, BLOCK_P, BLOCK_C)
     acc = _dwconv_tile(DY, Wt, p, c, pmask, cmask, H, W, C, True, BLOCK_P,
                        BLOCK_C)
     if HAS_RES:

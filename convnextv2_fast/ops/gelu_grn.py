@@ -32,26 +32,34 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 @triton.jit
+def _hidden_tile(HW, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile of an (N, HW, K) tensor: grid (n, pixel tile t,
+    channel block); returns (n, t, channels k, k mask, 2-D mask, offsets)."""
+    n = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    kb = tl.program_id(2).to(tl.int64)
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    kmask = k < K
+    return (n, t, k, kmask, (p < HW)[:, None] & kmask[None, :],
+            n * HW * K + p[:, None] * K + k[None, :])
+
+
+@triton.jit
 def _gelu_sumsq_kernel(
         Hp,  # (N, HW, K) pre-activation (pw1 output)
         U,  # (N, HW, K) out: GELU(h)
         PART,  # (N, num_p_tiles, K) fp32 out: sum over the tile of u**2
         HW, K,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
-    kb = tl.program_id(2).to(tl.int64)
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    m2 = (p < HW)[:, None] & (k < K)[None, :]
-    off = n * HW * K + p[:, None] * K + k[None, :]
+    n, t, k, kmask, m2, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
     h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
     u = 0.5 * h * (1. + tl.math.erf(h * 0.7071067811865476))
     u_st = u.to(U.dtype.element_ty)
     tl.store(U + off, u_st, mask=m2)
     uf = u_st.to(tl.float32)  # the values the GEMM will see
     tl.store(PART + (n * tl.num_programs(1) + t) * K + k,
-             tl.sum(uf * uf, axis=0), mask=k < K)
+             tl.sum(uf * uf, axis=0), mask=kmask)
 
 
 @triton.jit
@@ -62,20 +70,14 @@ def _grn_bwd_reduce_kernel(
         PART,  # (N, num_p_tiles, K) fp32 out: sum over the tile of dv * u
         HW, K,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
-    kb = tl.program_id(2).to(tl.int64)
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    m2 = (p < HW)[:, None] & (k < K)[None, :]
-    off = n * HW * K + p[:, None] * K + k[None, :]
+    n, t, k, kmask, m2, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
     h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
     dv = tl.load(DV + off, mask=m2, other=0.).to(tl.float32)
     u = 0.5 * h * (1. + tl.math.erf(h * 0.7071067811865476))
     u_st = u.to(U.dtype.element_ty)
     tl.store(U + off, u_st, mask=m2)
     tl.store(PART + (n * tl.num_programs(1) + t) * K + k,
-             tl.sum(dv * u_st.to(tl.float32), axis=0), mask=k < K)
+             tl.sum(dv * u_st.to(tl.float32), axis=0), mask=kmask)
 
 
 @triton.jit
@@ -87,14 +89,7 @@ def _grn_bwd_apply_kernel(
         DH,  # (N, HW, K) out: grad of the pre-activation
         HW, K,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
-    kb = tl.program_id(2).to(tl.int64)
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    kmask = k < K
-    m2 = (p < HW)[:, None] & kmask[None, :]
-    off = n * HW * K + p[:, None] * K + k[None, :]
+    n, t, k, kmask, m2, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
     h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
     dv = tl.load(DV + off, mask=m2, other=0.).to(tl.float32)
     sc = tl.load(SCALE + n * K + k, mask=kmask, other=0.)

@@ -28,6 +28,9 @@ void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias,
                               const at::Tensor& site, const at::Tensor& nbr,
                               const char* op);
+// grad_out/feats/site/nbr checks shared by both twins' weight-gradient ops.
+void check_sparse_dwconv_bwd_weight_args(const at::Tensor& grad_out, const at::Tensor& feats,
+                                         const at::Tensor& site, const at::Tensor& nbr);
 
 at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias,

@@ -55,6 +55,20 @@ void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& weight,
   TORCH_CHECK(M < (int64_t(1) << 31), op, ": too many rows for int32 row indices");
 }
 
+void check_sparse_dwconv_bwd_weight_args(const at::Tensor& grad_out, const at::Tensor& feats,
+                                         const at::Tensor& site, const at::Tensor& nbr) {
+  TORCH_CHECK(feats.dim() == 2, "sparse_dwconv_bwd_weight: feats must be [M, C], got ",
+              feats.sizes());
+  const int64_t C = feats.size(1);
+  auto dummy_w = at::empty({C, kTaps}, feats.options());  // shape-only for the checks
+  check_sparse_dwconv_args(feats, dummy_w, c10::nullopt, site, nbr, "sparse_dwconv_bwd_weight");
+  TORCH_CHECK(grad_out.sizes() == feats.sizes(), "sparse_dwconv_bwd_weight: grad_out must have "
+              "the shape of feats ", feats.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == feats.scalar_type(),
+              "sparse_dwconv_bwd_weight: grad_out dtype must equal the feats dtype");
+  TORCH_CHECK(grad_out.is_contiguous(), "sparse_dwconv_bwd_weight: grad_out must be contiguous");
+}
+
 namespace {
 
 template <typename scalar_t>
@@ -143,14 +157,8 @@ at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& weig
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& site,
     const at::Tensor& nbr) {
+  check_sparse_dwconv_bwd_weight_args(grad_out, feats, site, nbr);
   const int64_t M = feats.size(0), C = feats.size(1);
-  auto dummy_w = at::empty({C, kTaps}, feats.options());  // shape-only for the checks
-  check_sparse_dwconv_args(feats, dummy_w, c10::nullopt, site, nbr, "sparse_dwconv_bwd_weight");
-  TORCH_CHECK(grad_out.sizes() == feats.sizes(), "sparse_dwconv_bwd_weight: grad_out must have "
-              "the shape of feats ", feats.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == feats.scalar_type(),
-              "sparse_dwconv_bwd_weight: grad_out dtype must equal the feats dtype");
-  TORCH_CHECK(grad_out.is_contiguous(), "sparse_dwconv_bwd_weight: grad_out must be contiguous");
   TORCH_CHECK(feats.device().is_cpu() && grad_out.device().is_cpu(),
               "sparse_dwconv_bwd_weight_cpu: grad_out and feats must be CPU tensors");
   const int64_t H = nbr.size(1), W = nbr.size(2);

@@ -167,14 +167,8 @@ at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& wei
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& site,
     const at::Tensor& nbr) {
+  check_sparse_dwconv_bwd_weight_args(grad_out, feats, site, nbr);
   const int64_t M = feats.size(0), C = feats.size(1);
-  auto dummy_w = at::empty({C, kTaps}, feats.options());  // shape-only for the checks
-  check_sparse_dwconv_args(feats, dummy_w, c10::nullopt, site, nbr, "sparse_dwconv_bwd_weight");
-  TORCH_CHECK(grad_out.sizes() == feats.sizes(), "sparse_dwconv_bwd_weight: grad_out must have "
-              "the shape of feats ", feats.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == feats.scalar_type(),
-              "sparse_dwconv_bwd_weight: grad_out dtype must equal the feats dtype");
-  TORCH_CHECK(grad_out.is_contiguous(), "sparse_dwconv_bwd_weight: grad_out must be contiguous");
   TORCH_CHECK(feats.is_cuda() && grad_out.device() == feats.device(),
               "sparse_dwconv_bwd_weight_cuda: grad_out and feats must be on one CUDA device");
   TORCH_CHECK(chunks_fit(M), "sparse_dwconv_bwd_weight_cuda: too many rows (M / ",
