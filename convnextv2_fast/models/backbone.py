@@ -57,6 +57,12 @@ def resolve_arch(arch):
     raise ArgumentError(f'arch must be a str or a dict, got {type(arch)}.')
 
 
+def drop_path_rates(drop_path_rate: float, depths) -> list:
+    """Stochastic-depth rate of every block (mmpretrain / mmcv linear rule),
+    computed on the CPU so models also build under ``torch.device('meta')``."""
+    return torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+
+
 def resolve_out_indices(out_indices, num_stages):
     """mmpretrain semantics: int -> [int]; negative i -> 4 + i (hard-coded 4,
     the list passed in is modified in place).  Indices outside the stages,
@@ -134,10 +140,7 @@ class ConvNeXtV2Fast(BaseModule):
         self.frozen_stages = frozen_stages
         self.gap_before_final_norm = gap_before_final_norm
 
-        # stochastic depth decay rule (mmpretrain / mmcv); computed on the CPU
-        # so the model also builds under a `torch.device('meta')` context
-        dpr = torch.linspace(
-            0, drop_path_rate, sum(self.depths), device='cpu').tolist()
+        dpr = drop_path_rates(drop_path_rate, self.depths)
         block_idx = 0
 
         self.downsample_layers = ModuleList()

@@ -33,7 +33,7 @@ from ..sparse.dwconv import sparse_dwconv7x7
 from ..sparse.grn import sparse_grn
 from ..sparse.layout import (StageLayout, build_layouts, check_input_size,
                              check_mask, densify, stage_visible_mask)
-from .backbone import DEFAULT_INIT_CFG, resolve_arch
+from .backbone import DEFAULT_INIT_CFG, drop_path_rates, resolve_arch
 from .block import ConvNeXtV2Block
 from .layers import build_norm_layer
 
@@ -69,7 +69,7 @@ class SparseConvNeXtV2(BaseModule):
         self.out_indices = [i % self.num_stages for i in out_indices]
         self.dwconv_impl = dwconv_impl
         norm_cfg = dict(type='LN2d', eps=1e-6)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(self.depths))]
+        dpr = drop_path_rates(drop_path_rate, self.depths)
         self.downsample_layers = ModuleList()
         self.downsample_layers.append(
             nn.Sequential(

@@ -31,13 +31,6 @@ def layer_norm_channels_last_ref(x, weight, bias, eps=LN_EPS, upcast=False):
     return y.to(dtype) if upcast else y
 
 
-def layer_norm_2d_ref(x, weight, bias, eps=LN_EPS, upcast=False):
-    """LayerNorm over C of an NCHW tensor (mmpretrain ``LN2d``); NCHW contiguous out."""
-    y = layer_norm_channels_last_ref(x.permute(0, 2, 3, 1), weight, bias, eps,
-                                     upcast)
-    return y.permute(0, 3, 1, 2).contiguous()
-
-
 def dwconv7x7_ref(x, weight, bias, upcast=False):
     """Depthwise 7x7 conv, padding 3, of an NCHW tensor. weight: (C, 1, 7, 7)."""
     dtype = x.dtype
@@ -96,36 +89,6 @@ def drop_path_mask(x, drop_prob: float):
     shape = (x.shape[0], ) + (1, ) * (x.ndim - 1)
     random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
     return random_tensor.floor()
-
-
-def block_ref(x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, grn_gamma,
-              grn_beta, w2, b2, ls_gamma=None, drop_prob=0., training=False,
-              eps=LN_EPS, upcast=False):
-    """One ConvNeXt V2 block on an NCHW tensor, Linear pointwise layers.
-
-    ``w1``: (4C, C), ``w2``: (C, 4C) as in ``nn.Linear``; ``ls_gamma``: (C,) or
-    None.  Returns NCHW (same memory format semantics as mmpretrain: the
-    permute back is a view).
-    """
-    dtype = x.dtype
-    if upcast:
-        args = [_up(t, True) for t in (x, dw_weight, dw_bias, ln_weight, ln_bias,
-                                       w1, b1, grn_gamma, grn_beta, w2, b2,
-                                       ls_gamma)]
-        return block_ref(*args, drop_prob=drop_prob, training=training,
-                         eps=eps).to(dtype)
-    shortcut = x
-    y = F.conv2d(x, dw_weight, dw_bias, padding=3, groups=x.shape[1])
-    y = y.permute(0, 2, 3, 1)
-    y = F.layer_norm(y, (y.shape[-1],), ln_weight, ln_bias, eps)
-    y = F.linear(y, w1, b1)
-    y = F.gelu(y)
-    y = grn_ref(y, grn_gamma, grn_beta)
-    y = F.linear(y, w2, b2)
-    y = y.permute(0, 3, 1, 2)
-    if ls_gamma is not None:
-        y = y.mul(ls_gamma.view(1, -1, 1, 1))
-    return shortcut + drop_path_ref(y, drop_prob, training)
 
 
 def gelu_grn_pw2_ref(h, grn_gamma, grn_beta, w2, b2, eps=GRN_EPS, upcast=False):
