@@ -82,6 +82,16 @@ def _cast_weight(w, cd):
     return w.detach().to(cd)
 
 
+def mm_f32(a, b):
+    """``a @ b`` as fp32.  Where this torch has a GEMM with an fp32 output
+    for half inputs (``mm(..., out_dtype=)``: CUDA and meta), the GEMM writes
+    fp32 directly; elsewhere (CPU) its output is cast (a no-op for fp32)."""
+    if (a.dtype in (torch.float16, torch.bfloat16)
+            and a.device.type in ('cuda', 'meta')):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
 def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
                         b2, r, ln_eps=LN_EPS, grn_eps=GRN_EPS,
                         compute_dtype=None, save=True):
@@ -145,7 +155,7 @@ def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
             grn_eps, need_dr=need_dr, w2c=_cast_weight(w2, cd))
         dh2 = dh.view(M, K)
         dz = torch.mm(dh2, w1c)
-        dw1 = torch.mm(dh2.t(), z.view(M, C)).float()
+        dw1 = mm_f32(dh2.t(), z.view(M, C))
         del dh, dh2
         dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b = dwconv_ln_backward(
             dz.view(N, H, W, C), x, dw_w, dw_b, ln_w, mean, rstd, dres=dout,
