@@ -6,17 +6,30 @@ Pipeline (all activations channels-last, (N, H, W, C) / (N, HW, 4C)):
 dw 7x7 + bias + LN     Triton (:mod:`.dwconv_ln`), fp32 mean/rstd
 pw1 (+ bias)           torch ``F.linear`` (cuBLAS) in the compute dtype
 GELU + GRN sum u^2     Triton (:mod:`.gelu_grn`), deterministic partials
-GRN apply + pw2        torch ``baddbmm`` with the GRN folded into a
-                       per-sample column scale of W2 and ``W2 beta + b2``
-layer scale, drop      Triton (:mod:`.layer_scale_residual`): one
-path, residual         per-(sample, channel) scale ``r`` + residual add
+GRN apply + pw2        torch ``bmm`` with the GRN folded into a per-sample
+                       column scale of W2 (Triton fold kernel, written in
+                       the compute dtype)
+layer scale, drop      Triton (:mod:`.layer_scale_residual`): the pw2 bias
+path, residual         ``W2 beta + b2``, one per-(sample, channel) scale
+                       ``r`` and the residual add, one pass
 ====================  =====================================================
 
 Backward: Triton for the GELU/GRN passes (second global reduction
 ``sum_p dv*u``), the LN backward (conv output recomputed in-kernel), the
 flipped-kernel dgrad (plus the residual grad) and the depthwise wgrad
 (per-program fp32 partials, torch sum: no atomics, bit-reproducible); torch
-GEMMs for pw1/pw2 data and weight grads.
+GEMMs for pw1/pw2 data and weight grads.  The bias grads come from kernels
+that already pass over the tensor (``db1`` from the GELU/GRN apply pass over
+``dh``, ``sum_p dout`` from the ``dout * r`` pass), and the grad of ``r`` is
+computed only when ``r`` requires grad (a layer scale).
+
+Weights: the pointwise weights are cast to the compute dtype once per
+forward; in ``save`` mode those casts are saved for the backward in place of
+the weights (nothing is recast there).  Under autocast (fp32 weights) that
+keeps ``2 * 4C^2`` half-precision elements per block alive until the
+backward (16C/M bytes per block element: 8 B/elem at V2-B stage 4); in
+``recompute`` mode (memory first) they are not kept and are cast again in
+the backward.
 
 Recompute switch
 ----------------
@@ -162,6 +175,9 @@ def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
             dx_dtype=x.dtype)
     if dr is None:
         dr = r.new_empty((0, ), dtype=torch.float32)
+    # the fake impl promises contiguous grads (free when already so; the
+    # param's .grad wants this layout anyway)
+    d_dw_w = d_dw_w.contiguous()
     return (dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b, dw1, db1, dgamma, dbeta, dw2,
             db2, dr)
 
