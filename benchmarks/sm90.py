@@ -396,6 +396,9 @@ def sass_summary(cubin: bytes, args: Optional[Dict[str, object]] = None
                 local_ld=sum(o.startswith('LDL') for o in ops))
 
 
+_RESOURCES: Dict[tuple, dict] = {}
+
+
 def resources(compiled, args: Optional[Dict[str, object]] = None) -> dict:
     """Resources of a Triton CompiledKernel's sm_90 cubin.
 
@@ -405,8 +408,12 @@ def resources(compiled, args: Optional[Dict[str, object]] = None) -> dict:
     :func:`sass_summary` (``args``: the launch's argument values, for loop
     trip counts).
     """
-    info = _ptxas_report(compiled)
     cubin = compiled.asm['cubin']
+    key = (hashlib.sha256(cubin).hexdigest(),
+           tuple(sorted((args or {}).items())))
+    if key in _RESOURCES:
+        return dict(_RESOURCES[key])
+    info = _ptxas_report(compiled)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'k.cubin')
         with open(path, 'wb') as f:
@@ -422,7 +429,8 @@ def resources(compiled, args: Optional[Dict[str, object]] = None) -> dict:
                barriers=info.get('barriers', 0))
     out['smem_B'] = out['smem_static_B'] + out['smem_dynamic_B']
     out.update(sass_summary(cubin, args))
-    return out
+    _RESOURCES[key] = out
+    return dict(out)
 
 
 # --------------------------------------------------------------------------
@@ -667,7 +675,6 @@ def capture_launches(fn: Callable[[], object], skip_compute: bool = True,
     from triton.runtime import driver as _driver
 
     launches: List[Launch] = []
-    res_cache: Dict[tuple, dict] = {}
 
     def hook(jit, args, kwargs, grid, kernel, dt):
         kw = dict(kwargs)
@@ -686,10 +693,7 @@ def capture_launches(fn: Callable[[], object], skip_compute: bool = True,
         scalars = {n: v for n, v in bound.items()
                    if isinstance(v, (int, float, bool))}
         md = kernel.metadata
-        key = (id(kernel), tuple(sorted(scalars.items())))
-        if key not in res_cache:
-            res_cache[key] = resources(kernel, scalars)
-        res = res_cache[key]
+        res = resources(kernel, scalars)
         programs = math.prod(grid)
         occ = occupancy(res['regs'], res['smem_B'], md.num_warps, programs)
         launches.append(Launch(
