@@ -428,7 +428,17 @@ def resources(compiled, args: Optional[Dict[str, object]] = None) -> dict:
                smem_dynamic_B=int(compiled.metadata.shared),
                barriers=info.get('barriers', 0))
     out['smem_B'] = out['smem_static_B'] + out['smem_dynamic_B']
-    out.update(sass_summary(cubin, args))
+    # the SASS summary is the slow part (nvdisasm): kept beside the cache
+    side = _info_path(cubin)[:-5] + '-sass-' + hashlib.sha256(
+        repr(key[1]).encode()).hexdigest()[:16] + '.json'
+    if os.path.exists(side):
+        with open(side) as f:
+            summary = json.load(f)
+    else:
+        summary = sass_summary(cubin, args)
+        with open(side, 'w') as f:
+            json.dump(summary, f)
+    out.update(summary)
     _RESOURCES[key] = out
     return dict(out)
 
