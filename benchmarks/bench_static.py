@@ -220,6 +220,33 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None):
     return rows
 
 
+def summary_markdown(rows, providers=('fast', CUDA_EXT_PROVIDER)) -> str:
+    """Per kernel x stage: ``regs / spill-store B / occupancy`` for each of
+    ``providers`` (the before/after view of the resource gate)."""
+    return '\n\n'.join(_summary(rows, p) for p in providers
+                        if any(r.get('provider') == p for r in rows))
+
+
+def _summary(rows, provider):
+    rows = [r for r in rows if r.get('provider') == provider]
+    stages = list(dict.fromkeys(r['shape'] for r in rows))
+    cells = {}
+    for r in rows:
+        k = (r['phase'], r['kernel'])
+        occ = r.get('occupancy')
+        cells.setdefault(k, {})[r['shape']] = (
+            f"{r['regs']} / {r['spill_store_B']} / "
+            f"{'-' if occ is None else f'{occ:.0%}'}")
+    lines = [f'{provider}: registers/thread / spill-store bytes / occupancy '
+             '(sm_90, H100 limits; compiler output, not a GPU measurement)',
+             '', '| phase | kernel | ' + ' | '.join(stages) + ' |',
+             '|---|---|' + '---|' * len(stages)]
+    for (ph, k), by in cells.items():
+        lines.append(f'| {ph} | {k} | ' + ' | '.join(
+            by.get(s, '-') for s in stages) + ' |')
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--smoke', action='store_true')

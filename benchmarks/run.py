@@ -95,22 +95,28 @@ def main(argv=None):
         if bar is not None:
             bar.close()
         all_rows += rows
-        tables.append(f'### {name}\n\n' +
-                      common.markdown_table(rows, module.COLUMNS))
+        table = f'### {name}\n\n' + common.markdown_table(rows,
+                                                             module.COLUMNS)
+        if hasattr(module, 'summary_markdown'):
+            table = (f'### {name}\n\n' + module.summary_markdown(rows) +
+                     '\n\n' + table[len(f'### {name}') + 2:])
+        tables.append(table)
     path = args.out or common.results_path(device)
     common.append_results(path, meta, all_rows)
     header = (f"Device: {meta['device']} | torch {meta['torch']} | triton "
               f"{meta['triton']} | commit {meta['commit']} | "
               f"{meta['timestamp']}")
-    smoked = [n for n in suites if suite_smoke(n)]
+    smoked = [n for n in suites if suite_smoke(n) and n not in CPU_SUITES]
     if smoked:
         header += (f'\n\nSMOKE run of {smoked}: tiny shapes; a code-path and '
                    'parity check, not a performance measurement (on a CPU '
                    'the fused kernels run in the Triton interpreter).')
     cpu_run = [n for n in suites if n in CPU_SUITES]
     if cpu_run:
-        header += (f'\n\nCPU suites {cpu_run}: compiler output, counts and '
-                   'models, not GPU measurements.')
+        header += (f'\n\nCPU suites {cpu_run}'
+                   f"{' (reduced --smoke set)' if args.smoke else ''}: "
+                   'compiler output, counts and models, not GPU '
+                   'measurements.')
     md = header + '\n\n' + '\n\n'.join(tables) + '\n'
     md_path = os.path.splitext(path)[0] + '.md'
     with open(md_path, 'w') as f:

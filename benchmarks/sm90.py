@@ -689,7 +689,8 @@ def capture_launches(fn: Callable[[], object], skip_compute: bool = True,
     def hook(jit, args, kwargs, grid, kernel, dt):
         kw = dict(kwargs)
         kw['debug'] = kw.get('debug', jit.debug) or knobs.runtime.debug
-        kw['instrumentation_mode'] = knobs.compilation.instrumentation_mode
+        if hasattr(knobs.compilation, 'instrumentation_mode'):
+            kw['instrumentation_mode'] = knobs.compilation.instrumentation_mode
         binder = jit.device_caches[_driver.active.get_current_device()][4]
         bound, spec, options = binder(*args, **kw)
         if callable(grid):
