@@ -22,6 +22,7 @@ SUITES = {
     'maskrcnn': 'benchmarks.bench_maskrcnn',
     'fcmae': 'benchmarks.bench_fcmae',
     'static': 'benchmarks.bench_static',
+    'traffic': 'benchmarks.bench_traffic',
 }
 
 # Suites computed on the CPU (compiler output, interpreter counts, fake
