@@ -11,15 +11,22 @@ triton = pytest.importorskip('triton')
 P, PB, I, C = '*fp32', '*bf16', 'i32', 'constexpr'
 
 
+def _dw(kernel, values=False):
+    """The dwconv kernels' constexprs as the host launches them (stage-2
+    shape of V2-B at 1024^2, N=2): names -> 'constexpr', or their values."""
+    from convnextv2_fast.ops import dwconv_ln as d
+    meta = d.launch_config(kernel, 2, 128, 128, 256, gpu=True).meta
+    return dict(meta) if values else {k: C for k in meta}
+
+
 def _kernels():
     from convnextv2_fast.ops import dwconv_ln as d
     from convnextv2_fast.ops import gelu_grn as g
     from convnextv2_fast.ops import layer_scale_residual as r
     fwd = [
         ('dwconv_ln_fwd', d._dwconv_ln_fwd_kernel,
-         dict(X=PB, Wt=P, B=P, LNW=P, LNB=P, Z=PB, MEAN=P, RSTD=P, M=I, H=I,
-              W=I, C=I, eps='fp32', BLOCK_P=C, BLOCK_C=C),
-         dict(BLOCK_P=32, BLOCK_C=128)),
+         dict(X=PB, Wt=P, B=P, LNW=P, LNB=P, Z=PB, MEAN=P, RSTD=P, H=I, W=I,
+              C=I, eps='fp32', **_dw('fwd')), _dw('fwd', True)),
         ('gelu_sumsq', g._gelu_sumsq_kernel,
          dict(Hp=PB, U=PB, PART=P, HW=I, K=I, BLOCK_P=C, BLOCK_K=C),
          dict(BLOCK_P=64, BLOCK_K=64)),
@@ -30,17 +37,14 @@ def _kernels():
     ]
     bwd = [
         ('dwconv_ln_bwd', d._dwconv_ln_bwd_kernel,
-         dict(X=PB, Wt=P, B=P, LNW=P, DZ=PB, MEAN=P, RSTD=P, DY=P, PART=P,
-              M=I, H=I, W=I, C=I, BLOCK_P=C, BLOCK_C=C),
-         dict(BLOCK_P=4, BLOCK_C=1024)),
+         dict(X=PB, Wt=P, B=P, LNW=P, DZ=PB, MEAN=P, RSTD=P, DY=PB, PART=P,
+              H=I, W=I, C=I, **_dw('ln_bwd')), _dw('ln_bwd', True)),
         ('dwconv_dgrad', d._dwconv_dgrad_kernel,
-         dict(DY=P, Wt=P, RES=PB, DX=PB, M=I, H=I, W=I, C=I, HAS_RES=C,
-              BLOCK_P=C, BLOCK_C=C),
-         dict(HAS_RES=True, BLOCK_P=32, BLOCK_C=128)),
+         dict(DY=PB, Wt=P, RES=PB, DX=PB, H=I, W=I, C=I, **_dw('dgrad')),
+         _dw('dgrad', True)),
         ('dwconv_wgrad', d._dwconv_wgrad_kernel,
-         dict(X=PB, DY=P, PART=P, M=I, H=I, W=I, C=I, TILES_PER_PROG=I,
-              BLOCK_P=C, BLOCK_C=C),
-         dict(BLOCK_P=32, BLOCK_C=128)),
+         dict(X=PB, DY=PB, PART=P, H=I, W=I, C=I, NUM_TILES=I, G=I,
+              **_dw('wgrad')), _dw('wgrad', True)),
         ('grn_bwd_reduce', g._grn_bwd_reduce_kernel,
          dict(Hp=PB, DV=PB, U=PB, PART=P, HW=I, K=I, BLOCK_P=C, BLOCK_K=C),
          dict(BLOCK_P=64, BLOCK_K=64)),
