@@ -223,8 +223,10 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None):
 def summary_markdown(rows, providers=('fast', CUDA_EXT_PROVIDER)) -> str:
     """Per kernel x stage: ``regs / spill-store B / occupancy`` for each of
     ``providers`` (the before/after view of the resource gate)."""
-    return '\n\n'.join(_summary(rows, p) for p in providers
-                        if any(r.get('provider') == p for r in rows))
+    limits = f'Occupancy limits: {sm90.describe_limits()}.'
+    return '\n\n'.join([limits] + [
+        _summary(rows, p) for p in providers
+        if any(r.get('provider') == p for r in rows)])
 
 
 def _summary(rows, provider):

@@ -362,10 +362,12 @@ def sass_summary(cubin: bytes, args: Optional[Dict[str, object]] = None
     from the Python source: the ``range(...)`` loop whose lines (-lineinfo)
     the SASS loop body maps to, evaluated with this launch's argument values
     (``args``).  Approximate: both sides of every branch are counted (masked
-    tails, predicated code), a loop whose bound is not a plain expression of
-    the kernel's arguments counts once (``loops_unresolved``), and per-warp
-    instructions are counted (multiply by the warps per program for a
-    per-SM issue count).
+    tails, predicated code); a loop whose bound is not a plain expression of
+    the kernel's arguments counts once (``loops_unresolved``); a loop that
+    ptxas unrolled (several source iterations per SASS trip) is
+    over-counted by the unroll factor; runtime loops are assumed to run the
+    same count in every program.  Counts are per warp: multiply by the warps
+    per program for the instructions an SM issues per program.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'k.cubin')
