@@ -72,7 +72,8 @@ _ARGS = ('x', 'dw_w', 'dw_b', 'ln_w', 'ln_b', 'w1', 'b1', 'gamma', 'beta',
 def capture_block(shape: shapes.BlockShape, provider: str) -> dict:
     """{'fwd': [Launch...], 'bwd': [Launch...]} of one block at ``shape``
     for ``provider`` ('fast' = save, 'fast_recompute')."""
-    from convnextv2_fast.ops.fused_block import (fused_block_backward,
+    from convnextv2_fast.ops.fused_block import (backward_inputs,
+                                                 fused_block_backward,
                                                  fused_block_forward)
     save = provider == 'fast'
     t = block_inputs(shape)
@@ -84,10 +85,10 @@ def capture_block(shape: shapes.BlockShape, provider: str) -> dict:
         box['out'] = fused_block_forward(*args, compute_dtype=cd, save=save)
 
     def bwd():
-        out, z, h, mean, rstd, S = box['out']
-        dout = torch.empty_like(out)
-        fused_block_backward(dout, t['x'], z, h, mean, rstd, S, *args[1:],
-                             compute_dtype=cd, save=save)
+        dout = torch.empty_like(box['out'][0])
+        # no layer scale in V2 (r needs no grad): need_dr=False, as training
+        fused_block_backward(dout, *backward_inputs(args, box['out']),
+                             compute_dtype=cd, save=save, need_dr=False)
 
     return dict(fwd=sm90.capture_launches(fwd),
                 bwd=sm90.capture_launches(bwd))

@@ -119,7 +119,8 @@ def run_fast_block(shape: BlockShape, recompute: bool, sample=None,
     the Triton addresses matter; ``memo``: see
     :class:`~benchmarks.traffic.TritonTraffic` (share one between the two
     providers of a shape: their launches repeat)."""
-    from convnextv2_fast.ops.fused_block import (fused_block_backward,
+    from convnextv2_fast.ops.fused_block import (backward_inputs,
+                                                 fused_block_backward,
                                                  fused_block_forward)
     x, params = block_args(shape)
     cd = shape.compute_dtype
@@ -149,11 +150,11 @@ def run_fast_block(shape: BlockShape, recompute: bool, sample=None,
             fwd = fused_block_forward(x, *params, compute_dtype=cd,
                                       save=save)
         out['fwd'] = rec
-        _, z, h, mean, rstd, S = fwd
         dout = torch.randn(x.shape).to(x.dtype)
         with counting() as rec:
-            fused_block_backward(dout, x, z, h, mean, rstd, S, *params,
-                                 compute_dtype=cd, save=save)
+            # no layer scale in V2 (r needs no grad): need_dr=False
+            fused_block_backward(dout, *backward_inputs((x, *params), fwd),
+                                 compute_dtype=cd, save=save, need_dr=False)
         out['bwd'] = rec
     return out
 

@@ -142,6 +142,21 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
     return out, z, h, mean, rstd, S, w1c, w2c
 
 
+def backward_inputs(args, fwd_out):
+    """What the backward takes after ``dout``, from the forward's inputs
+    ``(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r)`` and its
+    outputs: ``(x, z, h, mean, rstd, S, dw_w, ..., r)`` with the casts
+    ``w1c``/``w2c`` in place of ``w1``/``w2`` where the forward made them.
+    The autograd Function saves exactly this; the instruments
+    (benchmarks/bench_static.py, bench_traffic.py) drive the backward with
+    it, so they launch what training launches."""
+    x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r = args
+    _, z, h, mean, rstd, S, w1c, w2c = fwd_out
+    return (x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
+            w1c if w1c.numel() else w1, b1, gamma, beta,
+            w2c if w2c.numel() else w2, b2, r)
+
+
 def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
                          w1, b1, gamma, beta, w2, b2, r, ln_eps=LN_EPS,
                          grn_eps=GRN_EPS, compute_dtype=None, save=True,
@@ -254,9 +269,9 @@ class FusedBlockFunction(torch.autograd.Function):
         out, z, h, mean, rstd, S, w1c, w2c = _block_fwd_op(
             x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
             grn_eps, compute_dtype, save)
-        ctx.save_for_backward(x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
-                              w1c if w1c.numel() else w1, b1, gamma, beta,
-                              w2c if w2c.numel() else w2, b2, r)
+        ctx.save_for_backward(*backward_inputs(
+            (x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r),
+            (out, z, h, mean, rstd, S, w1c, w2c)))
         ctx.param_dtypes = [t.dtype for t in (dw_w, dw_b, ln_w, ln_b, w1, b1,
                                               gamma, beta, w2, b2, r)]
         ctx.cfg = (ln_eps, grn_eps, compute_dtype, save)
