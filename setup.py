@@ -7,7 +7,8 @@ This file only describes the extension, built from ``csrc/``:
 * C++ sources always; CUDA sources (``*.cu``) when torch has CUDA and ``nvcc``
   is found, or when ``FORCE_CUDA=1``.  ``CONVNEXTV2_FAST_NO_EXT=1`` skips the
   extension (the package then runs its pure-PyTorch paths).  ``MAX_JOBS`` is
-  honoured (torch.utils.cpp_extension reads it).
+  honoured (torch.utils.cpp_extension reads it); ``NVCC_THREADS`` (default 2)
+  is nvcc's ``--threads`` (architectures compiled in parallel).
 * CUDA architectures: ``TORCH_CUDA_ARCH_LIST`` when set; else the visible GPUs
   (what torch itself does); else, with no GPU visible (CI runners, container
   build hosts), the default of ``tools/cuda_build_env.default_arch_list``: the
@@ -78,8 +79,12 @@ def get_extensions():
         sources += cu
         ext_cls = cpp_extension.CUDAExtension
         define_macros.append(('WITH_CUDA', None))
+        # --threads: nvcc compiles the per-architecture stages of a .cu in
+        # parallel (the .cu is the long pole of the build once there are
+        # several archs); NVCC_THREADS overrides, as for flash-attn.
         extra_compile_args['nvcc'] = [
-            '-O3', '-std=c++20', '--expt-relaxed-constexpr', '-lineinfo'
+            '-O3', '-std=c++20', '--expt-relaxed-constexpr', '-lineinfo',
+            '--threads', os.environ.get('NVCC_THREADS', '2')
         ]
     return [
         ext_cls(
