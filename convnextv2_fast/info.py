@@ -34,6 +34,8 @@ def collect() -> dict:
         info['GPU'] = 'none (torch.cuda.is_available() is False)'
     loaded, why = _ext.extension_status()
     info['compiled extension'] = why
+    if _ext.build_stamp() is not None or _ext._STATE['path']:
+        info['compiled extension build'] = _ext.describe_build(_ext.build_stamp())
     ok, why = impl.fused_status()
     info['fused Triton ops'] = why
     info["impl='auto' picks"] = impl.auto_choice_description()
