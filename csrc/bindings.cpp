@@ -14,9 +14,9 @@
 #include "sparse_dwconv/sparse_dwconv.h"
 
 TORCH_LIBRARY(convnextv2_fast, m) {
-  m.def("sparse_dwconv_fwd(Tensor feats, Tensor weight, Tensor? bias, Tensor site, "
-        "Tensor nbr) -> Tensor");
-  m.def("sparse_dwconv_bwd_weight(Tensor grad_out, Tensor feats, Tensor site, Tensor nbr) "
+  m.def("sparse_dwconv_fwd(Tensor feats, Tensor taps, Tensor? bias, Tensor nbr_rows) "
+        "-> Tensor");
+  m.def("sparse_dwconv_bwd_weight(Tensor grad_out, Tensor feats, Tensor nbr_rows) "
         "-> (Tensor, Tensor)");
 }
 

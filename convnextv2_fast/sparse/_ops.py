@@ -39,12 +39,12 @@ def sparse_ops():
 def _register_fakes():
 
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_fwd')
-    def _fwd_fake(feats, weight, bias, site, nbr):
+    def _fwd_fake(feats, taps, bias, nbr_rows):
         return torch.empty_like(feats)
 
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_bwd_weight')
-    def _bwd_weight_fake(grad_out, feats, site, nbr):
+    def _bwd_weight_fake(grad_out, feats, nbr_rows):
         acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
         c = feats.shape[1]
-        return (feats.new_empty((c, 49), dtype=acc),
+        return (feats.new_empty((49, c), dtype=acc),
                 feats.new_empty((c, ), dtype=acc))
