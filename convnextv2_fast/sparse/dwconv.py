@@ -3,7 +3,10 @@
 One op, top to bottom:
 
 1. kernels: ``csrc/sparse_dwconv/sparse_dwconv_{cpu.cpp,cuda.cu}`` (twins,
-   ``torch.ops.convnextv2_fast.sparse_dwconv_fwd`` / ``..._bwd_weight``);
+   ``torch.ops.convnextv2_fast.sparse_dwconv_fwd(feats, taps [49, C], bias,
+   nbr_rows)`` / ``..._bwd_weight(grad_out, feats, nbr_rows) -> (grad_taps [49, C],
+   grad_bias)``) calling one arithmetic, ``sparse_dwconv_math.h``; ``nbr_rows`` is
+   :meth:`StageLayout.neighbour_rows`, built once per stage;
 2. host functions :func:`sparse_dwconv_forward` / :func:`sparse_dwconv_backward`
    (validate, call the op, return tensors; testable without autograd).  The
    input gradient is the forward op with the taps reversed (the submanifold
