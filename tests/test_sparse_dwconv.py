@@ -384,3 +384,25 @@ def test_ops_trace_under_torch_compile():
     compiled = torch.compile(fn, backend='aot_eager', fullgraph=True)(*args)
     for a, c in zip(eager, compiled):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@needs_ext
+def test_current_build_has_the_neighbour_row_signature():
+    """A stale build (old site/nbr signature) is detected by schema_current()
+    and treated as missing (pure-PyTorch path, one warning)."""
+    from convnextv2_fast.sparse import _ops
+    assert _ops.schema_current()
+    assert _ops.sparse_ops() is not None
+
+
+@needs_ext
+def test_stale_build_falls_back_with_a_warning(monkeypatch):
+    from convnextv2_fast.sparse import _ops
+    monkeypatch.setattr(_ops, 'schema_current', lambda: False)
+    monkeypatch.setitem(_ops._STATE, 'stale_warned', False)
+    monkeypatch.delenv('CONVNEXTV2_FAST_REQUIRE_EXT', raising=False)
+    with pytest.warns(RuntimeWarning, match='stale build'):
+        assert _ops.sparse_ops() is None
+    monkeypatch.setenv('CONVNEXTV2_FAST_REQUIRE_EXT', '1')
+    with pytest.raises(RuntimeError, match='stale build'):
+        _ops.sparse_ops()

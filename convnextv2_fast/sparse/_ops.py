@@ -5,6 +5,7 @@ in ``csrc/bindings.cpp``); the shape-only fake implementations that
 ``torch.compile`` needs are registered here, once, after the library loaded.
 """
 import os
+import warnings
 
 import torch
 
@@ -23,17 +24,33 @@ def sparse_ops():
     a missing extension raises instead.
     """
     ext = get_extension('sparse depthwise conv (FCMAE)')
-    if ext is None or not hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_fwd'):
+    stale = ext is not None and hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_fwd') \
+        and not schema_current()
+    if ext is None or stale or not hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_fwd'):
+        from .._ext import extension_status
+        why = (STALE_BUILD if stale else extension_status()[1])
         if os.environ.get(REQUIRE_EXT_ENV, '0') == '1':
-            from .._ext import extension_status
             raise RuntimeError(
-                f'{REQUIRE_EXT_ENV}=1 but the compiled extension is unavailable: '
-                f'{extension_status()[1]}')
+                f'{REQUIRE_EXT_ENV}=1 but the compiled extension is unavailable: {why}')
+        if stale and not _STATE.get('stale_warned'):
+            warnings.warn(f'convnextv2_fast: {why}; using the pure-PyTorch sparse dwconv.',
+                          RuntimeWarning, stacklevel=2)
+            _STATE['stale_warned'] = True
         return None
     if not _STATE['fakes']:
         _register_fakes()
         _STATE['fakes'] = True
     return torch.ops.convnextv2_fast
+
+
+STALE_BUILD = ('the compiled extension predates the [49, C]-taps / [M, 49] neighbour-row '
+               'op signature (a stale build): rebuild it with `python setup.py build_ext '
+               '--inplace`')
+
+
+def schema_current() -> bool:
+    """True when the loaded ops take the per-stage neighbour-row table."""
+    return 'nbr_rows' in str(torch.ops.convnextv2_fast.sparse_dwconv_fwd.default._schema)
 
 
 def _register_fakes():
