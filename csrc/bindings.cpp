@@ -29,9 +29,9 @@
 #endif
 
 TORCH_LIBRARY(convnextv2_fast, m) {
-  m.def("sparse_dwconv_fwd(Tensor feats, Tensor weight, Tensor? bias, Tensor site, "
-        "Tensor nbr) -> Tensor");
-  m.def("sparse_dwconv_bwd_weight(Tensor grad_out, Tensor feats, Tensor site, Tensor nbr) "
+  m.def("sparse_dwconv_fwd(Tensor feats, Tensor taps, Tensor? bias, Tensor nbr_rows) "
+        "-> Tensor");
+  m.def("sparse_dwconv_bwd_weight(Tensor grad_out, Tensor feats, Tensor nbr_rows) "
         "-> (Tensor, Tensor)");
 }
 

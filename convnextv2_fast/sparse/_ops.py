@@ -5,6 +5,7 @@ in ``csrc/bindings.cpp``); the shape-only fake implementations that
 ``torch.compile`` needs are registered here, once, after the library loaded.
 """
 import os
+import warnings
 
 import torch
 
@@ -23,12 +24,18 @@ def sparse_ops():
     a missing extension raises instead.
     """
     ext = get_extension('sparse depthwise conv (FCMAE)')
-    if ext is None or not hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_fwd'):
+    stale = ext is not None and hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_fwd') \
+        and not schema_current()
+    if ext is None or stale or not hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_fwd'):
+        from .._ext import extension_status
+        why = (STALE_BUILD if stale else extension_status()[1])
         if os.environ.get(REQUIRE_EXT_ENV, '0') == '1':
-            from .._ext import extension_status
             raise RuntimeError(
-                f'{REQUIRE_EXT_ENV}=1 but the compiled extension is unavailable: '
-                f'{extension_status()[1]}')
+                f'{REQUIRE_EXT_ENV}=1 but the compiled extension is unavailable: {why}')
+        if stale and not _STATE.get('stale_warned'):
+            warnings.warn(f'convnextv2_fast: {why}; using the pure-PyTorch sparse dwconv.',
+                          RuntimeWarning, stacklevel=2)
+            _STATE['stale_warned'] = True
         return None
     if not _STATE['fakes']:
         _register_fakes()
@@ -36,15 +43,25 @@ def sparse_ops():
     return torch.ops.convnextv2_fast
 
 
+STALE_BUILD = ('the compiled extension predates the [49, C]-taps / [M, 49] neighbour-row '
+               'op signature (a stale build): rebuild it with `python setup.py build_ext '
+               '--inplace`')
+
+
+def schema_current() -> bool:
+    """True when the loaded ops take the per-stage neighbour-row table."""
+    return 'nbr_rows' in str(torch.ops.convnextv2_fast.sparse_dwconv_fwd.default._schema)
+
+
 def _register_fakes():
 
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_fwd')
-    def _fwd_fake(feats, weight, bias, site, nbr):
+    def _fwd_fake(feats, taps, bias, nbr_rows):
         return torch.empty_like(feats)
 
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_bwd_weight')
-    def _bwd_weight_fake(grad_out, feats, site, nbr):
+    def _bwd_weight_fake(grad_out, feats, nbr_rows):
         acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
         c = feats.shape[1]
-        return (feats.new_empty((c, 49), dtype=acc),
+        return (feats.new_empty((49, c), dtype=acc),
                 feats.new_empty((c, ), dtype=acc))

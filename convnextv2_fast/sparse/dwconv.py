@@ -3,7 +3,10 @@
 One op, top to bottom:
 
 1. kernels: ``csrc/sparse_dwconv/sparse_dwconv_{cpu.cpp,cuda.cu}`` (twins,
-   ``torch.ops.convnextv2_fast.sparse_dwconv_fwd`` / ``..._bwd_weight``);
+   ``torch.ops.convnextv2_fast.sparse_dwconv_fwd(feats, taps [49, C], bias,
+   nbr_rows)`` / ``..._bwd_weight(grad_out, feats, nbr_rows) -> (grad_taps [49, C],
+   grad_bias)``) calling one arithmetic, ``sparse_dwconv_math.h``; ``nbr_rows`` is
+   :meth:`StageLayout.neighbour_rows`, built once per stage;
 2. host functions :func:`sparse_dwconv_forward` / :func:`sparse_dwconv_backward`
    (validate, call the op, return tensors; testable without autograd).  The
    input gradient is the forward op with the taps reversed (the submanifold
@@ -58,14 +61,21 @@ def _weight2d(weight: torch.Tensor) -> torch.Tensor:
 
 
 # -- host functions (compiled ops) -------------------------------------------
+def _taps(weight2d: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """(C, 49) -> the ops' tap-major [49, C] (reversed for the input gradient);
+    one tiny transpose per call."""
+    w = weight2d.flip(1) if flip else weight2d
+    return w.t().contiguous()
+
+
 def sparse_dwconv_forward(feats: torch.Tensor, weight2d: torch.Tensor,
                           bias: Optional[torch.Tensor], layout: StageLayout,
                           ops=None) -> torch.Tensor:
-    """out[M, C] with the compiled op; weight2d/bias already in feats' dtype."""
+    """out[M, C] with the compiled op; weight2d (C, 49)/bias already in feats' dtype."""
     ops = ops or sparse_ops()
-    return ops.sparse_dwconv_fwd(feats.contiguous(), weight2d.contiguous(),
+    return ops.sparse_dwconv_fwd(feats.contiguous(), _taps(weight2d),
                                  None if bias is None else bias.contiguous(),
-                                 layout.site, layout.nbr)
+                                 layout.neighbour_rows())
 
 
 def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
@@ -74,16 +84,20 @@ def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
                            ops=None) -> Tuple[Optional[torch.Tensor],
                                               Optional[torch.Tensor],
                                               Optional[torch.Tensor]]:
-    """(grad_feats, grad_weight2d fp32, grad_bias fp32); None where not needed."""
+    """(grad_feats, grad_weight2d (C, 49) fp32, grad_bias fp32); None where not needed.
+
+    The input gradient is the forward op on ``grad_out`` with the taps reversed
+    and the same neighbour-row table; the weight gradient reads that table too.
+    """
     ops = ops or sparse_ops()
     grad_out = grad_out.contiguous()
+    rows = layout.neighbour_rows()
     gin = gw = gb = None
     if need_input:
-        gin = ops.sparse_dwconv_fwd(grad_out, weight2d.flip(1).contiguous(), None,
-                                    layout.site, layout.nbr)
+        gin = ops.sparse_dwconv_fwd(grad_out, _taps(weight2d, flip=True), None, rows)
     if need_weight:
-        gw, gb = ops.sparse_dwconv_bwd_weight(grad_out, feats.contiguous(),
-                                              layout.site, layout.nbr)
+        gw, gb = ops.sparse_dwconv_bwd_weight(grad_out, feats.contiguous(), rows)
+        gw = gw.t()
     return gin, gw, gb
 
 

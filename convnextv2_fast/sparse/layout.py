@@ -7,8 +7,10 @@ features are kept compact as rows ``[M, C]`` ordered by flat position
 ``n * H * W + h * W + w``; :class:`StageLayout` holds
 
 * ``site`` (int32 [M]): flat position of each row,
-* ``nbr`` (int32 [N, H, W]): row of each visible position, ``-1`` elsewhere
-  (the neighbour index of the 7x7 submanifold conv),
+* ``nbr`` (int32 [N, H, W]): row of each visible position, ``-1`` elsewhere,
+* :meth:`StageLayout.neighbour_rows` (int32 [M, 49], cached): the 49 neighbour
+  rows of each row (``-1`` = absent), what the compiled 7x7 submanifold conv
+  reads — built once per stage, shared by every block and pass,
 * ``sample`` (int64 [M]) and ``counts`` (int64 [N]): row -> sample, rows per sample.
 
 Because tiles align across stages, the 2x2/s2 downsample of a visible coarse
@@ -48,11 +50,14 @@ class StageLayout:
             self._cache['site_long'] = self.site.long()
         return self._cache['site_long']
 
-    def neighbour_table(self) -> torch.Tensor:
-        """int64 [M, 49]: row of tap ``t = dy * 7 + dx`` of each row, or ``M``
-        (a zero padding row) where the tap is outside the map or invisible.
-        Used by the pure-PyTorch path only."""
-        if 'table' not in self._cache:
+    def neighbour_rows(self) -> torch.Tensor:
+        """int32 [M, 49]: row of tap ``t = dy * 7 + dx`` (offset ``(dy - 3, dx - 3)``)
+        of each row, or ``-1`` where the tap is outside the map or invisible.
+
+        Built once per stage and cached: the forward, the input gradient (taps
+        flipped: the submanifold neighbourhood is symmetric) and the weight
+        gradient of every block of the stage read this one table."""
+        if 'rows' not in self._cache:
             n_, h_, w_ = self.nbr.shape
             s = self.site_long()
             n, h, w = s // (h_ * w_), (s // w_) % h_, s % w_
@@ -61,10 +66,18 @@ class StageLayout:
             x = w[:, None, None] + d[None, None, :]          # [M, 1, 7]
             inside = (y >= 0) & (y < h_) & (x >= 0) & (x < w_)
             flat = (n[:, None, None] * h_ + y.clamp(0, h_ - 1)) * w_ + x.clamp(0, w_ - 1)
-            rows = self.nbr.reshape(-1).long()[flat]
-            rows = torch.where(inside & (rows >= 0), rows,
-                               torch.full_like(rows, self.num_rows))
-            self._cache['table'] = rows.reshape(-1, 49)
+            rows = self.nbr.reshape(-1)[flat]
+            rows = torch.where(inside, rows, torch.full_like(rows, -1))
+            self._cache['rows'] = rows.reshape(-1, 49).contiguous()
+        return self._cache['rows']
+
+    def neighbour_table(self) -> torch.Tensor:
+        """int64 [M, 49]: :meth:`neighbour_rows` with ``-1`` replaced by ``M`` (a
+        zero padding row).  Used by the pure-PyTorch path only."""
+        if 'table' not in self._cache:
+            rows = self.neighbour_rows().long()
+            self._cache['table'] = torch.where(rows >= 0, rows,
+                                               torch.full_like(rows, self.num_rows))
         return self._cache['table']
 
     def down_index(self, fine: 'StageLayout') -> torch.Tensor:

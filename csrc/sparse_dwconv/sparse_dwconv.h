@@ -1,51 +1,65 @@
 // Submanifold depthwise 7x7 convolution over the visible sites of a batch.
 //
 // Layout shared by the C++ (CPU) and CUDA twins (one signature each):
-//   feats  [M, C]   compact features of the M visible sites (fp32/fp16/bf16/fp64)
-//   weight [C, 49]  depthwise taps, tap t = dy * 7 + dx (dy, dx in 0..6), same dtype as feats
-//   bias   [C] or undefined
-//   site   [M] int32  flat position n * H * W + h * W + w of row m
-//   nbr    [N, H, W] int32  row of the visible site at each position, or -1
+//   feats    [M, C]   compact features of the M visible sites (fp32/fp16/bf16/fp64)
+//   taps     [49, C]  depthwise taps, tap t = dy * 7 + dx (dy, dx in 0..6) major, so the
+//                     channels of one tap are contiguous; same dtype as feats
+//   bias     [C] or undefined
+//   nbr_rows [M, 49] int32  row of the site at offset (dy - 3, dx - 3) of row m, or -1
+//            (outside the map or invisible); built once per stage by the layout
+//            (StageLayout.neighbour_rows) and shared by every block and pass.
 //
-// Forward: out[m, c] = bias[c] + sum_t weight[c, t] * feats[nbr[n, h + dy - 3, w + dx - 3], c]
-// (taps outside the map or on an invisible site contribute nothing).  The input
-// gradient is the same op with the tap order reversed (submanifold neighbourhoods
-// are symmetric), so it needs no kernel of its own.
+// Forward: out[m, c] = bias[c] + sum_{t: nbr_rows[m, t] >= 0} taps[t, c] * feats[nbr_rows[m, t], c].
+// The input gradient is the same op with the taps reversed (taps[48 - t]; submanifold
+// neighbourhoods are symmetric), so it needs no kernel of its own.
 //
 // Weight/bias gradient: deterministic.  Rows are split into fixed chunks of
-// kWgradRowsPerChunk; each chunk writes fp32 partials [chunks, C, 50] (49 taps +
-// bias), summed afterwards in chunk order.  No float atomics anywhere.
+// sdw::kWgradRowsPerChunk; each chunk writes fp32 (fp64 for fp64) partials
+// [chunks, 50, C] (49 taps + bias), summed afterwards in chunk order.  No float
+// atomics anywhere.  Returns (grad_taps [49, C], grad_bias [C]) in fp32 (fp64).
+//
+// The per-output and per-chunk arithmetic lives in sparse_dwconv_math.h and is
+// compiled into both twins.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
 #include <tuple>
+#include <type_traits>
+
+#include "sparse_dwconv/sparse_dwconv_math.h"
 
 namespace convnextv2_fast {
 
-constexpr int kTaps = 49;
-constexpr int kWgradRowsPerChunk = 256;
+using sdw::kTaps;
+using sdw::kWgradRowsPerChunk;
 
-void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& weight,
+// Calls f(std::integral_constant<int, V>{}) for the runtime vector width v, one of Vs.
+template <int... Vs, typename F>
+void dispatch_vec(int v, F&& f) {
+  const bool done = ((v == Vs ? (f(std::integral_constant<int, Vs>{}), true) : false) || ...);
+  TORCH_CHECK(done, "sparse_dwconv: internal error, no instantiation for vector width ", v);
+}
+
+void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
                               const c10::optional<at::Tensor>& bias,
-                              const at::Tensor& site, const at::Tensor& nbr,
-                              const char* op);
-// grad_out/feats/site/nbr checks shared by both twins' weight-gradient ops.
+                              const at::Tensor& nbr_rows, const char* op);
+// grad_out/feats/nbr_rows checks shared by both twins' weight-gradient ops.
 void check_sparse_dwconv_bwd_weight_args(const at::Tensor& grad_out, const at::Tensor& feats,
-                                         const at::Tensor& site, const at::Tensor& nbr);
+                                         const at::Tensor& nbr_rows);
 
-at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& weight,
+at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias,
-                                 const at::Tensor& site, const at::Tensor& nbr);
+                                 const at::Tensor& nbr_rows);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
-    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& site,
-    const at::Tensor& nbr);
+    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
 
 #ifdef WITH_CUDA
-at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& weight,
+at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
                                   const c10::optional<at::Tensor>& bias,
-                                  const at::Tensor& site, const at::Tensor& nbr);
+                                  const at::Tensor& nbr_rows);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
-    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& site,
-    const at::Tensor& nbr);
+    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
 #endif
 
 }  // namespace convnextv2_fast

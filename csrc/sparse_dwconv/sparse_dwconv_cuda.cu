@@ -1,13 +1,19 @@
-// CUDA twin of sparse_dwconv_cpu.cpp; see sparse_dwconv.h for the layout.
+// CUDA twin of sparse_dwconv_cpu.cpp; see sparse_dwconv.h for the layout and
+// sparse_dwconv_math.h for the arithmetic (shared with the C++ twin).
 //
-// Forward: one thread per (visible row, channel); a block holds 32 channels x 8
-// rows, channels fastest so feature loads are coalesced.  The 49 neighbour rows
-// of the block's 8 sites are looked up once into shared memory.
-// Weight/bias gradient: a block owns 32 channels x one chunk of
-// kWgradRowsPerChunk rows; each thread keeps 50 fp32 accumulators (49 taps +
-// bias) in registers, the 4 row-groups are combined in shared memory in fixed
-// order and written as a per-chunk partial; a second kernel sums the partials
-// in chunk order.  Bit-reproducible: no atomics.
+// Forward / input gradient: one CTA covers ALL channels of a chunk of rows.
+// Thread (x, y) owns the channel group [V * x, V * x + V) (V = 2 fp32, 4 fp16,
+// 2 bf16; 1 when C or a pointer does not allow it), keeps that group's 49 taps
+// in registers (<= 98 registers; <= 128 in all, 2 CTAs of 256 per SM) and computes rows
+// m0 + y, m0 + y + blockDim.y, ... of the chunk, kFwdRowsPerThread of them:
+// per row 49 branch-free 8-byte gathers + fp32 FMAs.  Neighbour rows come
+// from the per-stage [M, 49] int32 table (a broadcast load: every lane of a
+// row reads the same word).  int32 indexing.
+// Weight/bias gradient: one CTA per chunk of kWgradRowsPerChunk rows, thread x
+// owns a group of V = 2 channels and its 50 x 2 fp32 accumulators (49 taps +
+// bias) in registers: one pass over dy and x of the chunk, every tap inside.
+// The per-chunk partials [chunks, 50, C] are summed in chunk order by a second
+// kernel.  Bit-reproducible: no atomics, and the same chunking as the C++ twin.
 #include "sparse_dwconv/sparse_dwconv.h"
 
 #include <ATen/Dispatch.h>
@@ -18,188 +24,155 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
+#include <type_traits>
+
 namespace convnextv2_fast {
 namespace {
 
-constexpr int kFwdChannels = 32;
-constexpr int kFwdRows = 8;
-constexpr int kWgChannels = 32;
-constexpr int kWgRowGroups = 4;
+constexpr int kThreads = 256;         // max threads per CTA (launch bounds)
+constexpr int kFwdRowsPerThread = 8;  // rows per thread per channel group (tap reuse)
+constexpr int kWgradVec = 2;          // channels per thread in the weight gradient
+constexpr int kReduceThreads = 256;
 
-// fp32 / fp16 / bf16 (fp64 is CPU-only: its partial buffer would not fit static smem).
+// fp32 / fp16 / bf16 (fp64 is CPU-only).
 #define CNX_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                    \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)            \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-template <typename scalar_t>
-__global__ void sparse_dwconv_fwd_kernel(
-    const scalar_t* __restrict__ feats,   // [M, C]
-    const scalar_t* __restrict__ weight,  // [C, 49]
-    const scalar_t* __restrict__ bias,    // [C] or nullptr
-    const int32_t* __restrict__ site,     // [M]
-    const int32_t* __restrict__ nbr,      // [N, H, W]
-    scalar_t* __restrict__ out,           // [M, C]
-    int64_t M, int64_t C, int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ int32_t rows[kFwdRows][kTaps];
-  const int64_t row0 = int64_t(blockIdx.x) * kFwdRows;
-  const int tid = threadIdx.y * kFwdChannels + threadIdx.x;
-  const int64_t HW = H * W;
-  for (int i = tid; i < kFwdRows * kTaps; i += kFwdRows * kFwdChannels) {
-    const int r = i / kTaps, t = i % kTaps;
-    const int64_t m = row0 + r;
-    int32_t v = -1;
-    if (m < M) {
-      const int64_t s = site[m];
-      const int64_t n = s / HW, h = (s % HW) / W, w = s % W;
-      const int64_t y = h + t / 7 - 3, x = w + t % 7 - 3;
-      if (y >= 0 && y < H && x >= 0 && x < W) v = nbr[n * HW + y * W + x];
-    }
-    rows[r][t] = v;
-  }
-  __syncthreads();
-  const int64_t m = row0 + threadIdx.y;
-  const int64_t c = int64_t(blockIdx.y) * kFwdChannels + threadIdx.x;
-  if (m >= M || c >= C) return;
-  acc_t acc = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
-  const scalar_t* wc = weight + c * kTaps;
-#pragma unroll 7
-  for (int t = 0; t < kTaps; ++t) {
-    const int32_t r = rows[threadIdx.y][t];
-    if (r >= 0) acc += static_cast<acc_t>(wc[t]) * static_cast<acc_t>(feats[int64_t(r) * C + c]);
-  }
-  out[m * C + c] = static_cast<scalar_t>(acc);
+struct Launch {
+  int bx, by, rows_per_cta;
+};
+
+// Threads along channel groups (a multiple of 32, at most kThreads), the rest
+// along rows.  What the host launches (and the static check reads) is this.
+Launch fwd_launch(int C, int V) {
+  const int groups = (C + V - 1) / V;
+  const int bx = std::min(kThreads, (groups + 31) / 32 * 32);
+  const int by = kThreads / bx;
+  return {bx, by, by * kFwdRowsPerThread};
 }
 
-template <typename scalar_t>
-__global__ void sparse_dwconv_wgrad_partial_kernel(
-    const scalar_t* __restrict__ grad_out,       // [M, C]
-    const scalar_t* __restrict__ feats,          // [M, C]
-    const int32_t* __restrict__ site,            // [M]
-    const int32_t* __restrict__ nbr,             // [N, H, W]
-    at::opmath_type<scalar_t>* __restrict__ partial,  // [chunks, C, 50]
-    int64_t M, int64_t C, int64_t H, int64_t W) {
-  using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t red[kWgRowGroups][kWgChannels][kTaps + 1];
-  const int64_t chunk = blockIdx.y;
-  const int64_t c0 = int64_t(blockIdx.x) * kWgChannels;
-  const int64_t c = c0 + threadIdx.x;
-  const int64_t HW = H * W;
-  acc_t acc[kTaps + 1];
-#pragma unroll
-  for (int t = 0; t <= kTaps; ++t) acc[t] = acc_t(0);
-  const int64_t m_begin = chunk * kWgradRowsPerChunk;
-  const int64_t m_end = min(M, m_begin + kWgradRowsPerChunk);
-  if (c < C) {
-    for (int64_t m = m_begin + threadIdx.y; m < m_end; m += kWgRowGroups) {
-      const int64_t s = site[m];
-      const int64_t n = s / HW, h = (s % HW) / W, w = s % W;
-      const acc_t g = static_cast<acc_t>(grad_out[m * C + c]);
-#pragma unroll
-      for (int t = 0; t < kTaps; ++t) {
-        const int64_t y = h + t / 7 - 3, x = w + t % 7 - 3;
-        if (y >= 0 && y < H && x >= 0 && x < W) {
-          const int32_t r = nbr[n * HW + y * W + x];
-          if (r >= 0) acc[t] += g * static_cast<acc_t>(feats[int64_t(r) * C + c]);
-        }
-      }
-      acc[kTaps] += g;
-    }
-  }
-#pragma unroll
-  for (int t = 0; t <= kTaps; ++t) red[threadIdx.y][threadIdx.x][t] = acc[t];
-  __syncthreads();
-  const int tid = threadIdx.y * kWgChannels + threadIdx.x;
-  for (int i = tid; i < kWgChannels * (kTaps + 1); i += kWgChannels * kWgRowGroups) {
-    const int cl = i / (kTaps + 1), t = i % (kTaps + 1);
-    if (c0 + cl >= C) continue;
-    acc_t s = red[0][cl][t];
-#pragma unroll
-    for (int g = 1; g < kWgRowGroups; ++g) s += red[g][cl][t];
-    partial[(chunk * C + c0 + cl) * (kTaps + 1) + t] = s;
-  }
+int wgrad_threads(int C, int V) {
+  const int groups = (C + V - 1) / V;
+  return std::min(kThreads, (groups + 31) / 32 * 32);
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, 2) sparse_dwconv_fwd_kernel(
+    const T* __restrict__ x,            // [M, C] feats (or grad_out for the input grad)
+    const T* __restrict__ taps,         // [49, C] (reversed for the input grad)
+    const T* __restrict__ bias,         // [C] or nullptr
+    const int32_t* __restrict__ nbr,    // [M, 49] neighbour rows, -1 = absent
+    T* __restrict__ out,                // [M, C]
+    int M, int C, int rows_per_cta) {
+  const int m0 = blockIdx.x * rows_per_cta;
+  const int m1 = min(M, m0 + rows_per_cta);
+  for (int g = threadIdx.x; g * V < C; g += blockDim.x)
+    sdw::conv_rows<T, V>(nbr, x, taps, bias, C, g * V, m0 + threadIdx.y, m1, blockDim.y, out);
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) sparse_dwconv_wgrad_partial_kernel(
+    const T* __restrict__ dy,           // [M, C]
+    const T* __restrict__ x,            // [M, C]
+    const int32_t* __restrict__ nbr,    // [M, 49]
+    at::opmath_type<T>* __restrict__ partial,  // [chunks, 50, C]
+    int M, int C) {
+  const int k = blockIdx.x;
+  const int m0 = k * kWgradRowsPerChunk;
+  const int m1 = min(M, m0 + kWgradRowsPerChunk);
+  for (int g = threadIdx.x; g * V < C; g += blockDim.x)
+    sdw::wgrad_chunk<T, V>(nbr, dy, x, C, g * V, m0, m1, partial + k * (kTaps + 1) * C);
 }
 
 template <typename acc_t>
-__global__ void sparse_dwconv_wgrad_reduce_kernel(
-    const acc_t* __restrict__ partial,  // [chunks, C * 50]
-    acc_t* __restrict__ total,          // [C * 50]
-    int64_t chunks, int64_t per) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= per) return;
-  acc_t s = acc_t(0);
-  for (int64_t k = 0; k < chunks; ++k) s += partial[k * per + i];  // fixed order
-  total[i] = s;
+__global__ void __launch_bounds__(kReduceThreads) sparse_dwconv_wgrad_reduce_kernel(
+    const acc_t* __restrict__ partial,  // [chunks, 50, C]
+    acc_t* __restrict__ grad_taps,      // [49, C]
+    acc_t* __restrict__ grad_bias,      // [C]
+    int chunks, int C) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < (kTaps + 1) * C) sdw::reduce_chunks<acc_t>(partial, chunks, C, i, grad_taps, grad_bias);
 }
-
-bool chunks_fit(int64_t M) { return (M + kWgradRowsPerChunk - 1) / kWgradRowsPerChunk <= 65535; }
 
 }  // namespace
 
-at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& weight,
+at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
                                   const c10::optional<at::Tensor>& bias,
-                                  const at::Tensor& site, const at::Tensor& nbr) {
-  check_sparse_dwconv_args(feats, weight, bias, site, nbr, "sparse_dwconv_fwd");
+                                  const at::Tensor& nbr_rows) {
+  check_sparse_dwconv_args(feats, taps, bias, nbr_rows, "sparse_dwconv_fwd");
   TORCH_CHECK(feats.is_cuda(), "sparse_dwconv_fwd_cuda: feats must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(feats.device());
   const bool has_bias = bias.has_value() && bias->defined();
   auto out = at::empty_like(feats);
-  const int64_t M = feats.size(0), C = feats.size(1), H = nbr.size(1), W = nbr.size(2);
-  if (M == 0 || C == 0) return out;
-  const dim3 block(kFwdChannels, kFwdRows);
-  TORCH_CHECK((C + kFwdChannels - 1) / kFwdChannels <= 65535,
-              "sparse_dwconv_fwd_cuda: feats has too many channels (C / 32 must be <= 65535)");
-  const dim3 grid((M + kFwdRows - 1) / kFwdRows, (C + kFwdChannels - 1) / kFwdChannels);
+  const int M = static_cast<int>(feats.size(0)), C = static_cast<int>(feats.size(1));
+  if (M == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  CNX_DISPATCH_FLOAT_HALF_BF16(feats.scalar_type(),
-                                  "sparse_dwconv_fwd_cuda", [&] {
-    sparse_dwconv_fwd_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        feats.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-        has_bias ? bias->const_data_ptr<scalar_t>() : nullptr, site.const_data_ptr<int32_t>(),
-        nbr.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), M, C, H, W);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  CNX_DISPATCH_FLOAT_HALF_BF16(feats.scalar_type(), "sparse_dwconv_fwd_cuda", [&] {
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const scalar_t* w = taps.const_data_ptr<scalar_t>();
+    const scalar_t* b = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const int32_t* nb = nbr_rows.const_data_ptr<int32_t>();
+    // 8-byte vectors for fp32 (2) and fp16 (4); bf16 uses 4-byte vectors (2): with 4
+    // bf16 channels nvcc hoists the taps' bf16 -> fp32 conversion out of the row loop
+    // (196 registers of taps) and, capped at 128 registers for 2 CTAs/SM, spills.
+    constexpr int kVmax = std::is_same_v<scalar_t, at::Half> ? 4 : 2;
+    const int vec = sdw::pick_vec(C, kVmax, {x, w, b, y}, sizeof(scalar_t));
+    auto launch = [&](auto vc) {
+      constexpr int V = decltype(vc)::value;
+      const Launch l = fwd_launch(C, V);
+      const int grid = (M + l.rows_per_cta - 1) / l.rows_per_cta;
+      sparse_dwconv_fwd_kernel<scalar_t, V><<<grid, dim3(l.bx, l.by), 0, stream>>>(
+          x, w, b, nb, y, M, C, l.rows_per_cta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if constexpr (kVmax == 4) dispatch_vec<4, 2, 1>(vec, launch);
+    else dispatch_vec<2, 1>(vec, launch);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
-    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& site,
-    const at::Tensor& nbr) {
-  check_sparse_dwconv_bwd_weight_args(grad_out, feats, site, nbr);
-  const int64_t M = feats.size(0), C = feats.size(1);
-  TORCH_CHECK(feats.is_cuda() && grad_out.device() == feats.device(),
-              "sparse_dwconv_bwd_weight_cuda: grad_out and feats must be on one CUDA device");
-  TORCH_CHECK(chunks_fit(M), "sparse_dwconv_bwd_weight_cuda: too many rows (M / ",
-              kWgradRowsPerChunk, " must be <= 65535)");
+    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows) {
+  check_sparse_dwconv_bwd_weight_args(grad_out, feats, nbr_rows);
+  TORCH_CHECK(feats.is_cuda(),
+              "sparse_dwconv_bwd_weight_cuda: grad_out and feats must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(feats.device());
-  const int64_t H = nbr.size(1), W = nbr.size(2);
-  const int64_t chunks = std::max<int64_t>((M + kWgradRowsPerChunk - 1) / kWgradRowsPerChunk, 1);
+  const int M = static_cast<int>(feats.size(0)), C = static_cast<int>(feats.size(1));
+  const int chunks = std::max(1, (M + kWgradRowsPerChunk - 1) / kWgradRowsPerChunk);
+  const int per = (kTaps + 1) * C;
+  TORCH_CHECK(int64_t(chunks) * per < (int64_t(1) << 31),
+              "sparse_dwconv_bwd_weight_cuda: too many partials for int32 indexing");
   const auto acc_dtype = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto partial = at::empty({chunks, C, kTaps + 1}, feats.options().dtype(acc_dtype));
-  auto total = at::empty({C, kTaps + 1}, feats.options().dtype(acc_dtype));
+  auto partial = at::empty({chunks, kTaps + 1, C}, feats.options().dtype(acc_dtype));
+  auto grad_taps = at::empty({kTaps, C}, feats.options().dtype(acc_dtype));
+  auto grad_bias = at::empty({C}, feats.options().dtype(acc_dtype));
   auto stream = at::cuda::getCurrentCUDAStream();
-  CNX_DISPATCH_FLOAT_HALF_BF16(feats.scalar_type(),
-                                  "sparse_dwconv_bwd_weight_cuda", [&] {
+  CNX_DISPATCH_FLOAT_HALF_BF16(feats.scalar_type(), "sparse_dwconv_bwd_weight_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const dim3 block(kWgChannels, kWgRowGroups);
-    const dim3 grid((C + kWgChannels - 1) / kWgChannels, chunks);
-    // M == 0 still launches: every partial is then written with zeros.
-    sparse_dwconv_wgrad_partial_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        grad_out.const_data_ptr<scalar_t>(), feats.const_data_ptr<scalar_t>(),
-        site.const_data_ptr<int32_t>(), nbr.const_data_ptr<int32_t>(),
-        partial.mutable_data_ptr<acc_t>(), M, C, H, W);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t per = C * (kTaps + 1);
-    const int threads = 256;
-    sparse_dwconv_wgrad_reduce_kernel<acc_t><<<(per + threads - 1) / threads, threads, 0,
-                                               stream>>>(partial.const_data_ptr<acc_t>(),
-                                                         total.mutable_data_ptr<acc_t>(),
-                                                         chunks, per);
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const int32_t* nb = nbr_rows.const_data_ptr<int32_t>();
+    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    const int vec = sdw::pick_vec(C, kWgradVec, {dy, x}, sizeof(scalar_t));
+    dispatch_vec<2, 1>(vec, [&](auto vc) {
+      constexpr int V = decltype(vc)::value;
+      // M == 0 still launches one chunk: its partial is then written with zeros.
+      sparse_dwconv_wgrad_partial_kernel<scalar_t, V>
+          <<<chunks, wgrad_threads(C, V), 0, stream>>>(dy, x, nb, pp, M, C);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    sparse_dwconv_wgrad_reduce_kernel<acc_t>
+        <<<(per + kReduceThreads - 1) / kReduceThreads, kReduceThreads, 0, stream>>>(
+            pp, grad_taps.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
+            chunks, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {total.narrow(1, 0, kTaps).contiguous(), total.select(1, kTaps).contiguous()};
+  return {grad_taps, grad_bias};
 }
 
 }  // namespace convnextv2_fast

@@ -1,0 +1,192 @@
+// The arithmetic of the submanifold depthwise 7x7 conv, shared by both twins.
+//
+// These inline functions are compiled by nvcc into the CUDA kernels
+// (sparse_dwconv_cuda.cu) AND by the host compiler into the C++ twin
+// (sparse_dwconv_cpu.cpp), so the CPU tests run the very code — loads,
+// tap order, fp32 (fp64) accumulation, absent-tap handling, chunking of the
+// weight gradient — that the GPU runs.  Only the loop over (row chunk,
+// channel group) around them differs: CUDA threads there, at::parallel_for
+// plus plain loops here.  No CUDA header is needed: CNX_HD expands to
+// `__host__ __device__` under nvcc and to `inline` under g++.
+//
+// Layout (see sparse_dwconv.h): feats/grad [M, C] row-major, taps [49, C]
+// (tap-major, so the V channels of one tap are one aligned vector load),
+// neighbour rows [M, 49] int32 (-1 = absent).  A "channel group" is V
+// consecutive channels starting at c0 = V * g; callers pick V so that C % V == 0
+// and every base pointer is aligned to V * sizeof(T) (pick_vec below).
+#pragma once
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+#if defined(__CUDACC__)
+#define CNX_HD __host__ __device__ __forceinline__
+#define CNX_UNROLL _Pragma("unroll")
+#define CNX_RESTRICT __restrict__
+#else
+#define CNX_HD inline
+#define CNX_UNROLL
+#define CNX_RESTRICT __restrict__
+#endif
+
+namespace convnextv2_fast {
+namespace sdw {
+
+constexpr int kTaps = 49;
+// Rows per weight-gradient chunk.  Both twins use it, so the fp32 partial of
+// chunk k sums the same rows in the same order on both devices; the partials
+// are then summed in chunk order (bit-reproducible, no atomics).
+constexpr int kWgradRowsPerChunk = 128;
+
+// V consecutive elements, aligned so that one load/store is one vector access
+// (8 or 16 bytes on the GPU: ld.global.v2/v4), the pattern of ATen's
+// memory::aligned_vector.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+CNX_HD Vec<T, V> load_vec(const T* CNX_RESTRICT p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <typename T, int V>
+CNX_HD void store_vec(T* CNX_RESTRICT p, const Vec<T, V>& x) {
+  *reinterpret_cast<Vec<T, V>*>(p) = x;
+}
+
+// Largest power of two <= vmax that divides C and keeps every pointer aligned.
+inline int pick_vec(int64_t C, int vmax, std::initializer_list<const void*> ptrs,
+                    int elem_size) {
+  int v = vmax;
+  while (v > 1) {
+    bool ok = C % v == 0;
+    for (const void* p : ptrs)
+      ok = ok && (p == nullptr || reinterpret_cast<uintptr_t>(p) % (v * elem_size) == 0);
+    if (ok) break;
+    v /= 2;
+  }
+  return v;
+}
+
+// The 49 taps of channels [c0, c0 + V) from taps [49, C]: kept by the caller
+// (in registers on the GPU) for every row it computes.
+template <typename T, int V>
+CNX_HD void load_taps(const T* CNX_RESTRICT taps, int C, int c0, Vec<T, V> (&w)[kTaps]) {
+  CNX_UNROLL
+  for (int t = 0; t < kTaps; ++t) w[t] = load_vec<T, V>(taps + t * C + c0);
+}
+
+// One output vector: out[m, c0:c0+V] = init + sum_{t=0..48, nb[t] >= 0}
+// w[t] * x[nb[t], c0:c0+V], accumulated in opmath (fp32; fp64 for double) in tap
+// order.  `nb` is row m of the neighbour table.  Branch-free: an absent tap
+// reads row 0 (a cache hit) whose value is replaced by 0 before the FMA (so
+// even a non-finite row 0 adds exactly w * 0, as the dense-masked conv does),
+// and all 49 loads can be in flight at once.  Forward: x = feats, w = taps, init = bias.  Input gradient:
+// x = grad_out, w = taps reversed (w'[t] = w[48 - t]), init = 0.
+template <typename T, int V>
+CNX_HD Vec<T, V> conv_row(const int32_t* CNX_RESTRICT nb, const T* CNX_RESTRICT x, int C,
+                          int c0, const Vec<T, V> (&w)[kTaps],
+                          const at::opmath_type<T> (&init)[V]) {
+  using acc_t = at::opmath_type<T>;
+  acc_t acc[V];
+  CNX_UNROLL
+  for (int v = 0; v < V; ++v) acc[v] = init[v];
+  CNX_UNROLL
+  for (int t = 0; t < kTaps; ++t) {
+    const int32_t r = nb[t];
+    const Vec<T, V> f = load_vec<T, V>(x + (r < 0 ? 0 : r) * C + c0);
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const acc_t xv = r < 0 ? acc_t(0) : static_cast<acc_t>(f.v[v]);
+      acc[v] += static_cast<acc_t>(w[t].v[v]) * xv;  // one FFMA on the GPU
+    }
+  }
+  Vec<T, V> out;
+  CNX_UNROLL
+  for (int v = 0; v < V; ++v) out.v[v] = static_cast<T>(acc[v]);
+  return out;
+}
+
+// Rows m = m_begin, m_begin + m_step, ... < m_end of channels [c0, c0 + V):
+// taps loaded once (registers on the GPU) and reused for every row.  The GPU
+// thread (y, group) calls it with (m0 + y, m1, blockDim.y), the C++ twin with
+// (m0, m1, 1).  `bias` may be null.
+template <typename T, int V>
+CNX_HD void conv_rows(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRICT x,
+                      const T* CNX_RESTRICT taps, const T* CNX_RESTRICT bias, int C, int c0,
+                      int m_begin, int m_end, int m_step, T* CNX_RESTRICT out) {
+  using acc_t = at::opmath_type<T>;
+  Vec<T, V> w[kTaps];
+  load_taps<T, V>(taps, C, c0, w);
+  acc_t init[V];
+  if (bias != nullptr) {
+    const Vec<T, V> b = load_vec<T, V>(bias + c0);
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) init[v] = static_cast<acc_t>(b.v[v]);
+  } else {
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) init[v] = acc_t(0);
+  }
+  for (int m = m_begin; m < m_end; m += m_step)
+    store_vec<T, V>(out + m * C + c0, conv_row<T, V>(nbr_rows + m * kTaps, x, C, c0, w, init));
+}
+
+// One weight-gradient chunk of channels [c0, c0 + V): rows [m0, m1) in order,
+//   part[t][v] = sum_m dy[m, c0+v] * x[nb(m)[t], c0+v]   (t < 49, absent taps add 0)
+//   part[49][v] = sum_m dy[m, c0+v]                       (bias)
+// in opmath, one pass over dy and x; written to partial [chunks, 50, C] at
+// chunk k (channel-contiguous, so GPU lanes store coalesced).
+template <typename T, int V>
+CNX_HD void wgrad_chunk(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRICT dy,
+                        const T* CNX_RESTRICT x, int C, int c0, int m0, int m1,
+                        at::opmath_type<T>* CNX_RESTRICT partial_k) {
+  using acc_t = at::opmath_type<T>;
+  acc_t acc[kTaps + 1][V];
+  CNX_UNROLL
+  for (int t = 0; t <= kTaps; ++t) {
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) acc[t][v] = acc_t(0);
+  }
+  for (int m = m0; m < m1; ++m) {
+    const Vec<T, V> gv = load_vec<T, V>(dy + m * C + c0);
+    acc_t g[V];
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) g[v] = static_cast<acc_t>(gv.v[v]);
+    const int32_t* nb = nbr_rows + m * kTaps;
+    CNX_UNROLL
+    for (int t = 0; t < kTaps; ++t) {
+      const int32_t r = nb[t];
+      const Vec<T, V> f = load_vec<T, V>(x + (r < 0 ? 0 : r) * C + c0);
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) {
+        const acc_t xv = r < 0 ? acc_t(0) : static_cast<acc_t>(f.v[v]);
+        acc[t][v] += g[v] * xv;
+      }
+    }
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) acc[kTaps][v] += g[v];
+  }
+  CNX_UNROLL
+  for (int t = 0; t <= kTaps; ++t) {
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) partial_k[t * C + c0 + v] = acc[t][v];
+  }
+}
+
+// Element i of the [50, C] total, the chunk partials summed in chunk order,
+// stored to grad_taps [49, C] (i < 49 C) or grad_bias [C] (the last C).
+template <typename acc_t>
+CNX_HD void reduce_chunks(const acc_t* CNX_RESTRICT partial, int chunks, int C, int i,
+                          acc_t* CNX_RESTRICT grad_taps, acc_t* CNX_RESTRICT grad_bias) {
+  const int per = (kTaps + 1) * C;
+  acc_t s = acc_t(0);
+  for (int k = 0; k < chunks; ++k) s += partial[k * per + i];
+  if (i < kTaps * C) grad_taps[i] = s;
+  else grad_bias[i - kTaps * C] = s;
+}
+
+}  // namespace sdw
+}  // namespace convnextv2_fast
