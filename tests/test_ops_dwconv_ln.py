@@ -5,6 +5,8 @@ channel block (BC=32 in both the interpreter's and the GPU's configs), images
 smaller than a tile, partial tiles at each sample's edge.  Outputs come from
 NaN-poisoned ``torch.empty`` (``check_parity``), so an unwritten element fails.
 """
+import math
+
 import pytest
 import torch
 
@@ -57,6 +59,8 @@ def test_dwconv_ln_parity_gpu_config(dtype, monkeypatch):
     tiles, two or more channel blocks in every kernel)."""
     monkeypatch.setenv('CONVNEXTV2_FAST_GPU_CONFIG', '1')
     shape = (2, 72, 9, 10)
+    if dtype == torch.float16:  # the big-image tiles (8x8) on this case
+        monkeypatch.setattr(dmod, '_MIN_PROGRAMS', 0)
     for k in dmod.KERNELS:
         cfg = launch_config(k, *_nhwc(shape), dtype)
         assert cfg == launch_config(k, *_nhwc(shape), dtype, gpu=True)
@@ -95,13 +99,20 @@ def test_dwconv_ln_stats_and_out_dtype():
 
 
 @pytest.mark.interpreter
-def test_dwconv_ln_backward_residual_and_dtypes():
-    """dres is added to dx; dx_dtype honoured; an fp16 dz (compute dtype)
-    with an fp32 x (stage 1 under autocast) matches the fp32 path."""
+@pytest.mark.parametrize('cd', [torch.float16, torch.bfloat16])
+def test_dwconv_ln_backward_residual_and_dtypes(cd):
+    """dres is added to dx; dx_dtype honoured; a half-precision z/dz
+    (compute dtype) with an fp32 x (stage 1 under autocast) matches the fp32
+    reference (bf16 only passes through loads/stores/casts: the kernels do
+    their arithmetic in fp32)."""
     x, dw_w, dw_b, ln_w, ln_b = _inputs(2, 40, 6, 5)
     z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b,
-                                      out_dtype=torch.float16)
-    dz = torch.randn_like(x).half()
+                                      out_dtype=cd)
+    assert z.dtype == cd
+    zr = _ref(x, dw_w, dw_b, ln_w, ln_b)
+    assert (z.float() - zr).abs().max() <= 4 * (zr.to(cd).float() -
+                                                 zr).abs().max() + 1e-2
+    dz = torch.randn_like(x).to(cd)
     dres = torch.randn_like(x)
     dx, d_w, d_b, d_lnw, d_lnb = dwconv_ln_backward(
         dz, x, dw_w, dw_b, ln_w, mean, rstd, dres=dres, dx_dtype=torch.float32)
@@ -149,6 +160,9 @@ def test_launch_config_real_shapes(stage):
         line = cfg.meta['BC'] * dt.itemsize
         # LN kernels loop over channel blocks: each block is a whole line
         assert line == 128 if k in ('fwd', 'ln_bwd') else line <= 128
+        # enough programs to fill 132 SMs (fwd/ln_bwd: at least 128 at the
+        # smallest tile; their channel blocks loop inside a program)
+        assert math.prod(cfg.grid) >= 128
     wg = launch_config('wgrad', N, H, W, C, s.stream_dtype, gpu=True)
     G, n_cb = wg.grid
     # a few hundred programs; partials small against the activation
