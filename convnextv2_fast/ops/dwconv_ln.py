@@ -10,8 +10,9 @@ Kernels (all tiles are 2-D spatial tiles TH x TW of one sample x a block of
 BC channels; :func:`launch_config` is the single place that picks tiles,
 warps, stages and grids, for the host functions and for static checks):
 
-- ``_dwconv_ln_fwd_kernel``: one program = one 8x8 pixel tile, a runtime loop
-  over channel blocks of 32.  Pass 1: conv + bias per block, the result ``y``
+- ``_dwconv_ln_fwd_kernel``: one program = one 8x8 pixel tile (4x4 when 8x8
+  tiles would leave fewer than 264 programs: stages 3-4), a runtime loop over
+  channel blocks of one 128-byte line (32 fp32 / 64 bf16 channels).  Pass 1: conv + bias per block, the result ``y``
   rounded to z's dtype (as the reference's conv output is) is parked in ``z``
   and the per-pixel statistics are combined across blocks with Chan's
   parallel formula (block mean and sum of squared deviations, fp32: no
@@ -44,8 +45,8 @@ byte arithmetic, a model, not a GPU measurement).  A full-C tile keeps the
 reads 7 rows x (4+6) halo pixels = 17.5x its own bytes of x, and its 49 x C
 fp32 taps (196 B per channel) are 49 B per output element, ~25x a bf16
 activation element.  With channel blocks the pixel tile does not depend on C:
-8x8 pixels x 32 channels = 2048 fp32 accumulators (16 per thread), halo
-(8+6)^2/64 = 3.06x, taps 196/64 = 3.06 B per element.  The price: ``y``
+8x8 pixels x 64 bf16 channels = 4096 fp32 accumulators (16 per thread at
+8 warps), halo (8+6)^2/64 = 3.06x, taps 196/64 = 3.06 B per element.  The price: ``y``
 makes one round trip through z (fwd) or dy (LN bwd) in the compute dtype (a
 store and a re-load of the program's own tile, L2-resident), and the LN
 backward reads dz twice.
@@ -59,17 +60,38 @@ kernel     HBM (halo, taps, re-reads hit L2)    L2->SM (re-read factor of x/dy)
 =========  ===================================  ===============================
 fwd        s_x + s_c + 8/C                       3.06 s_x + 3.06 + s_c (3.06x)
 ln_bwd     s_x + 2 s_c + 8/C                     3.06 s_x + 3.06 + 3 s_c (3.06x)
+fwd 4x4    s_x + s_c + 8/C                       6.25 s_x + 12.25 + s_c (6.25x)
+bwd 4x4    s_x + 2 s_c + 8/C                     6.25 s_x + 12.25 + 3 s_c
 dgrad      s_c + 2 s_x (dy, dres, dx)            3.06 s_c + 3.06 + s_x (3.06x)
-wgrad      s_c + s_x + 196 G / M                 s_c + 4.4 s_x + 6.1 (4x8 tile)
+wgrad      s_c + s_x + 196 G / M                 s_c + 4.4 s_x (4x8 tile, 4.4x)
 =========  ===================================  ===============================
 
-sm_90 resources (ptxas for sm_90a, launch configs of the V2-B Mask R-CNN
-stages, N=2, 1024^2; x fp32 at stage 1, bf16 after; z/dz/dy bf16): fwd 80
-registers, ln_bwd 62-64, dgrad 53-80, wgrad 203-211; zero spills at every
-stage.  Occupancy on H100 (65536 regs, 64 warps/SM): fwd 37.5%, ln_bwd
-50%, dgrad 37.5-50%, wgrad 12.5% (49 accumulators plus the unrolled loads
-of 49 taps in flight).
+Per-program reuse (model, not a GPU measurement): replaying one interior
+program's load stream per kernel and stage through an LRU of 16-32 KB of
+128-byte lines, the lines missed are 1.00x its unique lines for fwd, dgrad
+and wgrad and 1.04-1.21x for ln_bwd (dz is read again in pass 2; 1.07x
+with the 4x4 tiles of stages 3-4).  With
+32-channel bf16 blocks (half lines) fwd/ln_bwd reached 1.5-1.8x at 16 KB,
+hence the one-line channel blocks.
+
+sm_90 resources (ptxas for sm_90a on Triton's own cubin, launch configs of
+the V2-B Mask R-CNN stages, N=2, 1024^2; x fp32 at stage 1, bf16 after;
+z/dz/dy bf16; registers per thread, zero spills everywhere, H100 occupancy
+from 65536 regs and 64 warps per SM):
+
+=======  ============================  ===================================
+kernel   stage 1 / 2, 3-4 (4x4 tile)   before this rebuild (stage 1 / 2-4)
+=======  ============================  ===================================
+fwd      64 (50%) / 95, 64 (25, 50%)   255 (12.5%) / 168-190 (12.5-19%)
+ln_bwd   64 (50%) / 114, 68 (25, 44%)  211 (12.5%) / 196-251 (12.5%)
+dgrad    53 (50%) / 80 (37.5%)         32 + 20-24 KB spill stores/thread
+wgrad    211 / 203 (12.5%)             96-128, 49 passes over dy and x
+=======  ============================  ===================================
+
+wgrad's 12.5% occupancy is the price of 49 accumulators plus the unrolled
+loads of 49 taps in flight (ILP instead of occupancy).
 """
+import math
 from dataclasses import dataclass, replace
 from typing import Dict, Tuple
 
@@ -349,47 +371,57 @@ class LaunchConfig:
                       num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# (TH, TW, BC, num_warps, num_stages) per kernel.  GPU: chosen with the
-# sm_90 compile check (registers, zero spills, occupancy; see the module
-# docstring).  Interpreter: bigger tiles (it pays per program instance).
+# Candidate (TH, TW, BC, num_warps, num_stages) per kernel, largest tile
+# first: the first one giving at least _MIN_PROGRAMS programs is used (else
+# the last).  GPU: chosen with the sm_90 compile check (registers, zero
+# spills, occupancy; see the module docstring).  BC None: one 128-byte line
+# of the streamed tensor's dtype (the LN kernels loop over channel blocks
+# inside a program: a half-line block would fetch each line twice, far
+# apart).  Interpreter: bigger tiles (it pays per program instance).
 _GPU_TILES = {
-    'fwd': (8, 8, 32, 4, 1),
-    'ln_bwd': (8, 8, 32, 8, 1),
-    'dgrad': (8, 8, 32, 8, 1),
-    'wgrad': (4, 8, 32, 4, 1),
+    'fwd': [(8, 8, None, 8, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1)],
+    'ln_bwd': [(8, 8, None, 8, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1)],
+    'dgrad': [(8, 8, 32, 8, 1)],
+    'wgrad': [(4, 8, 32, 4, 1)],
 }
-_INTERP_TILES = {k: (8, 16, 32, 4, 1) for k in _GPU_TILES}
+_INTERP_TILES = {k: [(8, 16, 32, 4, 1)] for k in _GPU_TILES}
+_MIN_PROGRAMS = 264  # 2 x 132 SMs (H100 SXM)
 # element offsets switch to int64 from this many elements (M * C)
 _I64_ELEMS = 2**31
 # wgrad: programs per channel block (G) so that the (G, 49, C) fp32 partial
 # buffer stays small against the activation while the grid fills the GPU
 _WGRAD_PIXELS_PER_PROG = 1024
-_WGRAD_MIN_PROGRAMS = 264  # 2 x 132 SMs (H100 SXM)
+_WGRAD_MIN_PROGRAMS = _MIN_PROGRAMS
 _WGRAD_MAX_G_INTERP = 3
 
 
 def launch_config(kernel: str, N: int, H: int, W: int, C: int,
+                  dtype: torch.dtype = torch.bfloat16,
                   gpu: bool = None) -> LaunchConfig:
     """Launch config of ``kernel`` (one of :data:`KERNELS`) for an
-    (N, H, W, C) input.  ``gpu``: use the GPU's tiles (default: on a GPU, or
-    when ``CONVNEXTV2_FAST_GPU_CONFIG=1``; the interpreter otherwise)."""
+    (N, H, W, C) input.  ``dtype``: the dtype of the tensor the kernel streams
+    with a halo (x for fwd/ln_bwd/wgrad, dy for dgrad).  ``gpu``: use the
+    GPU's tiles (default: on a GPU, or when ``CONVNEXTV2_FAST_GPU_CONFIG=1``;
+    the interpreter otherwise)."""
     if kernel not in KERNELS:
         raise ArgumentError(f'kernel must be one of {sorted(KERNELS)}, '
                             f'got {kernel!r}.')
     if gpu is None:
         gpu = use_gpu_config()
-    TH, TW, BC, warps, stages = (_GPU_TILES if gpu else _INTERP_TILES)[kernel]
-    BC = min(BC, next_pow2(C))
+    for TH, TW, BC, warps, stages in (_GPU_TILES if gpu else
+                                      _INTERP_TILES)[kernel]:
+        if BC is None:
+            BC = 128 // dtype.itemsize
+        BC = min(BC, next_pow2(C))
+        n_tiles = N * triton.cdiv(H, TH) * triton.cdiv(W, TW)
+        n_cb = triton.cdiv(C, BC)
+        grid = (n_tiles, ) if kernel in ('fwd', 'ln_bwd') else (n_tiles, n_cb)
+        if math.prod(grid) >= _MIN_PROGRAMS:
+            break
     M = N * H * W
     meta = dict(TH=TH, TW=TW, BC=BC, I64=M * C >= _I64_ELEMS)
-    n_tiles = N * triton.cdiv(H, TH) * triton.cdiv(W, TW)
-    n_cb = triton.cdiv(C, BC)
     runtime = {}
-    if kernel in ('fwd', 'ln_bwd'):
-        grid = (n_tiles, )
-    elif kernel == 'dgrad':
-        grid = (n_tiles, n_cb)
-    else:
+    if kernel == 'wgrad':
         G = max(M // _WGRAD_PIXELS_PER_PROG,
                 triton.cdiv(_WGRAD_MIN_PROGRAMS, n_cb))
         if not gpu:
@@ -452,7 +484,7 @@ def dwconv_ln_forward(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=LN_EPS,
     z = torch.empty((N, H, W, C), device=x.device, dtype=out_dtype)
     mean = torch.empty((N * H * W, ), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    launch_config('fwd', N, H, W, C).launch(
+    launch_config('fwd', N, H, W, C, x.dtype).launch(
         x, _taps(dw_weight), _f32(dw_bias), _f32(ln_weight), _f32(ln_bias), z,
         mean, rstd, H, W, C, float(eps))
     return z, mean, rstd
@@ -481,7 +513,7 @@ def dwconv_ln_backward(dz, x, dw_weight, dw_bias, ln_weight, mean, rstd,
     taps = _taps(dw_weight)
     dev = x.device
 
-    cfg = launch_config('ln_bwd', N, H, W, C)
+    cfg = launch_config('ln_bwd', N, H, W, C, x.dtype)
     dy = torch.empty((M, C), device=dev, dtype=dz.dtype)
     part = torch.empty((cfg.grid[0], 3, C), device=dev, dtype=torch.float32)
     cfg.launch(x, taps, _f32(dw_bias), _f32(ln_weight), dz, mean, rstd, dy,
@@ -490,11 +522,11 @@ def dwconv_ln_backward(dz, x, dw_weight, dw_bias, ln_weight, mean, rstd,
     d_lnw, d_lnb, d_b = (part[:, i].sum(0) for i in range(3))
 
     dx = torch.empty((N, H, W, C), device=dev, dtype=dx_dtype or x.dtype)
-    cfg = launch_config('dgrad', N, H, W, C)
+    cfg = launch_config('dgrad', N, H, W, C, dy.dtype)
     cfg = replace(cfg, meta=dict(cfg.meta, HAS_RES=dres is not None))
     cfg.launch(dy, taps, dres if dres is not None else dy, dx, H, W, C)
 
-    cfg = launch_config('wgrad', N, H, W, C)
+    cfg = launch_config('wgrad', N, H, W, C, x.dtype)
     wpart = torch.empty((cfg.grid[0], 49, C), device=dev, dtype=torch.float32)
     cfg.launch(x, dy, wpart, H, W, C)
     d_w = wpart.sum(0).t().reshape(C, 1, 7, 7)
