@@ -10,13 +10,13 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
-import time
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from convnextv2_fast._timing import synchronize, time_fn  # noqa: F401  (one timer)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            'results')
@@ -50,35 +50,6 @@ def env_metadata(device: torch.device) -> dict:
         except Exception:
             meta[name] = None
     return meta
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3,
-            iters: int = 10) -> Dict[str, float]:
-    """Median/min/max milliseconds of ``fn`` (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        if device.type == 'cuda':
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return dict(median_ms=statistics.median(times), min_ms=min(times),
-                max_ms=max(times), iters=iters)
 
 
 @contextmanager

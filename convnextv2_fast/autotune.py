@@ -26,12 +26,14 @@ same function, so a disagreement between ranks costs speed, not correctness.
 """
 import json
 import os
-import statistics
 import threading
 import warnings
 from typing import Callable, Dict, Optional
 
 import torch
+
+from ._timing import time_fn
+from .version import __version__
 
 TUNE_ENV = 'CONVNEXTV2_FAST_AUTOTUNE'
 CACHE_DIR_ENV = 'CONVNEXTV2_FAST_CACHE_DIR'
@@ -54,33 +56,24 @@ def cache_path() -> str:
     return os.path.join(root, CACHE_FILE)
 
 
+_DEVICE_NAMES: Dict[tuple, str] = {}
+
+
 def device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return device.type
+    """GPU name (cached per device: this runs on every block call)."""
+    key = (device.type, device.index)
+    name = _DEVICE_NAMES.get(key)
+    if name is None:
+        name = (torch.cuda.get_device_name(device) if device.type == 'cuda'
+                else device.type)
+        _DEVICE_NAMES[key] = name
+    return name
 
 
 def _cuda_event_timer(fn: Callable[[], object], device: torch.device,
                       warmup: int = 2, reps: int = 5) -> float:
     """Median milliseconds of ``fn`` (CUDA events; host clock elsewhere)."""
-    import time
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == 'cuda':
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return time_fn(fn, device, warmup=warmup, iters=reps)['median_ms']
 
 
 _TIMER: Callable[[Callable[[], object], torch.device], float] = \
@@ -104,17 +97,38 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace('torch.', '')
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except Exception:  # pragma: no cover - no triton: never tuned anyway
+        return 'none'
+
+
+def size_bucket(M: int) -> int:
+    """Pixels per block call (N*H*W) rounded up to a power of two: mmdet
+    feeds many padded image sizes, and the fused/reference ratio moves with
+    the size, not with the exact H and W; one timing per bucket."""
+    return 1 << max(0, int(M) - 1).bit_length()
+
+
 def block_key(block, x: torch.Tensor, compute_dtype: torch.dtype,
               training: bool) -> str:
-    """The cache key: block shape, dtypes, memory format and mode."""
+    """The cache key: channels, pixel bucket, dtypes, memory format, layer
+    scale, recompute, mode, and the versions whose kernels were timed (a new
+    package, Triton or torch version times again)."""
+    from .ops.fused_block import recompute_enabled
     N, C, H, W = x.shape
     cl = x.is_contiguous(memory_format=torch.channels_last) and \
         not x.is_contiguous()
     params = _dtype_name(block.depthwise_conv.weight.dtype)
-    return (f'N{N}-C{C}-H{H}-W{W}-x:{_dtype_name(x.dtype)}-'
+    return (f'C{C}-M<={size_bucket(N * H * W)}-x:{_dtype_name(x.dtype)}-'
             f'cd:{_dtype_name(compute_dtype)}-p:{params}-'
             f'{"nhwc" if cl else "nchw"}-ls:{int(block.gamma is not None)}-'
-            f'{"train" if training else "infer"}-v{_FORMAT}')
+            f'rc:{int(recompute_enabled(block))}-'
+            f'{"train" if training else "infer"}-'
+            f'v{__version__}-triton{_triton_version()}-torch{torch.__version__}'
+            f'-f{_FORMAT}')
 
 
 def _load(dev: str) -> Dict[str, dict]:
@@ -177,10 +191,9 @@ def _time_path(block, x, path: str, training: bool) -> float:
     def step():
         out = run(xin)
         if training:
-            grads = torch.autograd.grad(
-                out, [xin] + params, grad_outputs=torch.ones_like(out),
-                allow_unused=True)
-            del grads
+            torch.autograd.grad(out, [xin] + params,
+                                grad_outputs=torch.ones_like(out),
+                                allow_unused=True)
         return out
 
     try:
@@ -202,7 +215,12 @@ def choose(block, x: torch.Tensor, compute_dtype: torch.dtype,
         entry = _load(dev).get(key)
     if entry is not None:
         return entry['choice']
-    if not tuning_enabled() or torch.compiler.is_compiling():
+    if (not tuning_enabled() or torch.compiler.is_compiling()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False)
+            is not None):
+        # not timed: disabled, tracing, or inside saved-tensor hooks (e.g.
+        # activation checkpointing or offloading: the timing graph must not
+        # go through them); the fused path, nothing cached
         return 'triton'
     devices = [x.device] if x.device.type == 'cuda' else []
     with torch.random.fork_rng(devices=devices):
@@ -212,9 +230,13 @@ def choose(block, x: torch.Tensor, compute_dtype: torch.dtype,
     if fused_ms == float('inf') and ref_ms == float('inf'):
         choice = 'reference'
     entry = dict(choice=choice, fused_ms=fused_ms, reference_ms=ref_ms,
-                 torch=torch.__version__)
+                 shape=list(x.shape))
     with _LOCK:
-        _store(dev, key, entry)
+        if fused_ms == float('inf') or ref_ms == float('inf'):
+            # a failure (e.g. a transient OOM) decides this process only
+            _MEMORY.setdefault(dev, {})[key] = entry
+        else:
+            _store(dev, key, entry)
     return choice
 
 

@@ -85,16 +85,59 @@ def test_choice_follows_the_timer_and_is_cached(tuner, fused_ms, ref_ms,
     assert want in autotune.describe()
 
 
-def test_keys_separate_shape_dtype_and_mode(tuner):
+def test_keys_separate_size_bucket_dtype_and_mode(tuner):
     timer = FakeTimer(1.0, 2.0)
     autotune.set_timer(timer)
     block = _block()
     autotune.choose(block, _x(), torch.float32, training=True)
     autotune.choose(block, _x(), torch.float32, training=False)
-    autotune.choose(block, _x(H=6), torch.float32, training=False)
+    autotune.choose(block, _x(H=10), torch.float32, training=False)
     autotune.choose(block, _x(), torch.float16, training=False)
     assert len(timer.calls) == 8
-    assert len(autotune.cached_choices('cpu')['cpu']) == 4
+    # same pixel bucket (2*6*7 = 84 and 2*5*7 = 70 -> 128): no new timing
+    autotune.choose(block, _x(H=6), torch.float32, training=False)
+    assert len(timer.calls) == 8
+    keys = autotune.cached_choices('cpu')['cpu']
+    assert len(keys) == 4
+    import triton
+    import convnextv2_fast
+    for k in keys:  # new package / Triton / torch versions time again
+        assert convnextv2_fast.__version__ in k and triton.__version__ in k
+        assert torch.__version__ in k
+    assert autotune.size_bucket(70) == autotune.size_bucket(128) == 128
+    assert autotune.size_bucket(129) == 256
+
+
+def test_not_timed_under_saved_tensor_hooks(tuner):
+    """e.g. inside activation checkpointing or offloading: fused, nothing
+    timed, nothing cached."""
+    timer = FakeTimer(9.0, 1.0)
+    autotune.set_timer(timer)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert autotune.choose(_block(), _x(), torch.float32, True) == \
+            'triton'
+    assert timer.calls == []
+    assert autotune.cached_choices('cpu') == {'cpu': {}}
+
+
+def test_with_cp_decides_the_path_once_outside_the_checkpoint(monkeypatch):
+    """The path is chosen before checkpointing, so the recomputation in
+    backward reuses it and never tunes under the checkpoint's hooks."""
+    block = _block()
+    block.with_cp = True
+    calls = []
+    real = block._use_fused
+
+    def spy(x):
+        calls.append(torch._C._autograd._top_saved_tensors_default_hooks(
+            False) is None)
+        return real(x)
+
+    monkeypatch.setattr(block, '_use_fused', spy)
+    x = _x().requires_grad_()
+    block(x).sum().backward()
+    assert calls == [True]  # once, outside any saved-tensor hooks
+    assert x.grad is not None
 
 
 def test_tuning_leaves_grads_and_rng_untouched(tuner):
@@ -127,6 +170,8 @@ def test_a_failing_path_loses(tuner, monkeypatch):
     with pytest.warns(RuntimeWarning, match='kernel launch failed'):
         choice = autotune.choose(block, _x(), torch.float32, training=False)
     assert choice == 'reference'
+    # a failure decides this process only: nothing written to disk
+    assert not os.path.exists(os.path.join(tuner, autotune.CACHE_FILE))
 
 
 def test_block_auto_on_cuda_routes_through_the_tuner(tuner, monkeypatch):

@@ -109,8 +109,12 @@ def expected_build(root=ROOT, env=None):
             'csrc_sha256': csrc_digest(root)}
 
 
-def wheel_status(wheel, root=ROOT, expected=None):
-    """(current, why): may ``wheel`` stand for a build of this checkout here?"""
+def wheel_status(wheel, root=ROOT, expected=None, python_files=True):
+    """(current, why): may ``wheel`` stand for a build of this checkout here?
+
+    ``python_files=False`` asks only about the compiled extension (torch,
+    CUDA, arch list, ``csrc/`` digest): enough to reuse its ``_C`` in an
+    editable checkout whose Python files moved on since the build."""
     stamp = wheel_stamp(wheel)
     if not stamp:
         return False, f'{wheel}: no compiled extension or no build stamp'
@@ -118,6 +122,8 @@ def wheel_status(wheel, root=ROOT, expected=None):
     for key, want in expected.items():
         if stamp.get(key) != want:
             return False, f'{wheel}: stamp {key}={stamp.get(key)!r}, a build now gives {want!r}'
+    if not python_files:
+        return True, f'{wheel}: extension current ({stamp.get("cuda_arch_list") or "C++ only"})'
     with zipfile.ZipFile(wheel) as zf:
         for name in zf.namelist():
             if name.startswith('convnextv2_fast/') and name.endswith('.py'):
@@ -127,12 +133,12 @@ def wheel_status(wheel, root=ROOT, expected=None):
     return True, f'{wheel}: current ({stamp.get("cuda_arch_list") or "C++ only"})'
 
 
-def current_wheel(dist_dir=None, root=ROOT):
+def current_wheel(dist_dir=None, root=ROOT, python_files=True):
     """(path or None, why) of the newest current wheel in ``dist_dir``."""
     dist_dir = dist_dir or default_dist_dir(root)
     reasons = []
     for wheel in find_wheels(dist_dir, root):
-        ok, why = wheel_status(wheel, root)
+        ok, why = wheel_status(wheel, root, python_files=python_files)
         if ok:
             return wheel, why
         reasons.append(why)
@@ -159,7 +165,10 @@ def main(argv=None):
     parser.add_argument('--dist', default=None,
                         help=f'wheel folder (default ${DIST_ENV} or dist/)')
     args = parser.parse_args(argv)
-    wheel, why = current_wheel(args.dist)
+    # extract needs only a current extension; current (rebuild or not) also
+    # wants the wheel's Python files to be the checkout's
+    wheel, why = current_wheel(args.dist,
+                               python_files=args.command == 'current')
     print(f'prebuilt_wheel: {why}')
     if wheel is None:
         return 1

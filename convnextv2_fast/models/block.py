@@ -74,14 +74,17 @@ class ConvNeXtV2Block(nn.Module):
                 and self.act.approximate == 'none')
 
     def forward(self, x):
+        # the path is decided (and, for 'auto', tuned) before checkpointing:
+        # the recomputation must take the same path, and tuning must not run
+        # under the checkpoint's saved-tensor hooks
+        fused = self._use_fused(x)
         if self.with_cp and x.requires_grad:
-            return cp.checkpoint(self._inner_forward, x, use_reentrant=False)
-        return self._inner_forward(x)
+            return cp.checkpoint(self._inner_forward, x, fused,
+                                 use_reentrant=False)
+        return self._inner_forward(x, fused)
 
-    def _inner_forward(self, x):
-        if self._use_fused(x):
-            return self._fused_forward(x)
-        return self._reference_forward(x)
+    def _inner_forward(self, x, fused):
+        return self._fused_forward(x) if fused else self._reference_forward(x)
 
     def _use_fused(self, x) -> bool:
         """The path for ``x``: ``resolve_impl``, then for ``impl='auto'`` on
