@@ -126,3 +126,14 @@ def test_gpu_gelu_grn_pw2_parity(shape, dtype):
     check_parity(['a', 'dh', 'd_grn_gamma', 'd_grn_beta', 'd_w2', 'd_b2'],
                  gelu_grn_pw2, gelu_grn_pw2_ref, inputs, dtype, grad,
                  device='cuda')
+
+
+def test_hidden_beyond_int32_offsets_is_refused():
+    """The GELU/GRN kernels index within a sample in int32: a larger
+    hidden tensor is refused with a message, never silently wrapped."""
+    from convnextv2_fast.ops.gelu_grn import MAX_HIDDEN_PER_SAMPLE, check_hidden
+    ok = torch.empty((1, 2**21, 1023), device='meta')
+    assert check_hidden(ok) is ok
+    with pytest.raises(ValueError, match='int32'):
+        check_hidden(torch.empty((1, 2**21, 1024), device='meta'))
+    assert 2**21 * 1024 > MAX_HIDDEN_PER_SAMPLE >= 2**21 * 1023

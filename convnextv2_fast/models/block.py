@@ -97,6 +97,10 @@ class ConvNeXtV2Block(nn.Module):
             return True  # 'triton' forced (interpreter included): no tuning
         if x.dtype not in FUSED_DTYPES:
             return False
+        from ..ops.gelu_grn import MAX_HIDDEN_PER_SAMPLE
+        if x.shape[2] * x.shape[3] * self.grn.gamma.numel() > \
+                MAX_HIDDEN_PER_SAMPLE:
+            return False  # beyond the fused kernels' int32 offsets
         from .. import autotune
         from ..ops.fused_block import compute_dtype_for
         training = torch.is_grad_enabled() and (

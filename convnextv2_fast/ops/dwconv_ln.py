@@ -452,6 +452,7 @@ def _check_params(x, dw_weight, dw_bias, ln_weight, ln_bias):
     check_tensor(dw_bias, 'dw_bias', shape=(C, ), contiguous=False)
     if ln_weight is not None:
         check_tensor(ln_weight, 'ln_weight', shape=(C, ), contiguous=False)
+    if ln_bias is not None:  # the backward does not take it
         check_tensor(ln_bias, 'ln_bias', shape=(C, ), contiguous=False)
     check_same_device([('x', x), ('dw_weight', dw_weight),
                        ('dw_bias', dw_bias), ('ln_weight', ln_weight),
@@ -502,7 +503,7 @@ def dwconv_ln_backward(dz, x, dw_weight, dw_bias, ln_weight, mean, rstd,
     (C,1,7,7), d_dw_bias, d_ln_weight, d_ln_bias)``; weight grads are fp32,
     reduced from per-program partial buffers with a torch sum (deterministic).
     """
-    C = _check_params(x, dw_weight, dw_bias, ln_weight, ln_weight)
+    C = _check_params(x, dw_weight, dw_bias, ln_weight, None)
     check_tensor(dz, 'dz', shape=tuple(x.shape))
     if dres is not None:
         check_tensor(dres, 'dres', shape=tuple(x.shape))

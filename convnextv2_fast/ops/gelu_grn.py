@@ -39,6 +39,8 @@ from ._common import check_same_device, check_tensor, is_interpreter, next_pow2
 from .reference import GRN_EPS
 
 _SQRT1_2 = 0.7071067811865476
+# the kernels index within one sample in int32 (see _hidden_tile)
+MAX_HIDDEN_PER_SAMPLE = 2**31 - 1
 _INV_SQRT_2PI = 0.3989422804014327
 
 
@@ -205,6 +207,19 @@ def _w2_fold_bwd_kernel(
 # --------------------------------------------------------------------------
 # host functions
 # --------------------------------------------------------------------------
+def check_hidden(h):
+    """Validate an (N, HW, K) hidden tensor, including the int32 in-sample
+    offset limit of the kernels (HW * K < 2**31: ~4M pixels at K = 512,
+    an 8192^2 image at stage 1)."""
+    check_tensor(h, 'h', ndim=3)
+    if h.shape[1] * h.shape[2] > MAX_HIDDEN_PER_SAMPLE:
+        raise ArgumentError(
+            f'h: {h.shape[1]} pixels x {h.shape[2]} hidden channels per '
+            'sample exceeds the int32 in-sample offsets of the GELU/GRN '
+            "kernels (2**31); use impl='reference' for inputs this large.")
+    return h
+
+
 def _blocks(K):
     BLOCK_K = min(next_pow2(K), 256 if is_interpreter() else 64)
     budget = 16384 if is_interpreter() else 4096
@@ -218,7 +233,7 @@ def _grid(N, HW, K, BLOCK_P, BLOCK_K):
 
 def gelu_sumsq_forward(h):
     """``u = GELU(h)`` and ``S[n, k] = sum_p u**2`` (fp32) of (N, HW, K) h."""
-    check_tensor(h, 'h', ndim=3)
+    check_hidden(h)
     N, HW, K = h.shape
     BLOCK_P, BLOCK_K = _blocks(K)
     grid = _grid(N, HW, K, BLOCK_P, BLOCK_K)
@@ -253,7 +268,7 @@ def grn_stats_backward(R, G, D, Nx, gamma):
 
 def grn_bwd_reduce(h, dv):
     """Recompute ``u = GELU(h)``; return ``(u, R)`` with ``R = sum_p dv*u``."""
-    check_tensor(h, 'h', ndim=3)
+    check_hidden(h)
     check_tensor(dv, 'dv', shape=tuple(h.shape))
     N, HW, K = h.shape
     BLOCK_P, BLOCK_K = _blocks(K)
@@ -269,7 +284,7 @@ def grn_bwd_apply(h, dv, scale, t):
     """``dh = (dv * scale + GELU(h) * t) * GELU'(h)`` in h's dtype and the
     pw1 bias grad ``db1 = sum_{n,p} dh`` (K,) fp32, from per-tile partials
     of the same pass (fixed-order sum)."""
-    check_tensor(h, 'h', ndim=3)
+    check_hidden(h)
     check_tensor(dv, 'dv', shape=tuple(h.shape))
     N, HW, K = h.shape
     check_tensor(scale, 'scale', shape=(N, K), dtypes=(torch.float32, ))
@@ -346,7 +361,7 @@ def w2_fold_backward(P, scale, rs, w2, beta, db2, colsum=None, need_dr=False):
 
 
 def _check_pw2(h, gamma, beta, w2, b2):
-    check_tensor(h, 'h', ndim=3)
+    check_hidden(h)
     K = h.shape[2]
     check_tensor(gamma, 'grn_gamma', shape=(K, ), contiguous=False)
     check_tensor(beta, 'grn_beta', shape=(K, ))
