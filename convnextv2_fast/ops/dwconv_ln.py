@@ -91,6 +91,7 @@ wgrad    211 / 203 (12.5%)             96-128, 49 passes over dy and x
 wgrad's 12.5% occupancy is the price of 49 accumulators plus the unrolled
 loads of 49 taps in flight (ILP instead of occupancy).
 """
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Dict, Tuple
@@ -408,6 +409,15 @@ def launch_config(kernel: str, N: int, H: int, W: int, C: int,
                             f'got {kernel!r}.')
     if gpu is None:
         gpu = use_gpu_config()
+    return _launch_config(kernel, int(N), int(H), int(W), int(C), dtype,
+                          bool(gpu))
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch_config(kernel, N, H, W, C, dtype, gpu) -> LaunchConfig:
+    """:func:`launch_config` after the GPU/interpreter choice; cached (it runs
+    on every call), so the returned config is shared: derive variants with
+    ``dataclasses.replace``, never mutate it."""
     for TH, TW, BC, warps, stages in (_GPU_TILES if gpu else
                                       _INTERP_TILES)[kernel]:
         if BC is None:
