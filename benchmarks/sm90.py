@@ -745,6 +745,10 @@ def gate_failures(rows: List[dict], limits: dict = H100) -> List[str]:
                        f"{r.get('spill_load_B')} B loads per thread "
                        f"(stack {r.get('stack_B')} B)")
         regs, warps = r.get('regs') or 0, r.get('num_warps') or 1
+        if r.get('num_warps') is None:
+            why.append('threads per block unknown (launch site and '
+                       '__launch_bounds__ not evaluable): occupancy and the '
+                       'per-block register check cannot be made')
         if regs > limits['max_regs_per_thread']:
             why.append(f'{regs} registers/thread > '
                        f"{limits['max_regs_per_thread']}")
@@ -892,6 +896,20 @@ def _cu_launch_sites(src_text: str, extra_consts: Optional[dict] = None
     return out
 
 
+def _cu_launch_bounds(src_text: str, kernel: str,
+                      consts: Dict[str, int]) -> Optional[int]:
+    """Max threads of ``__launch_bounds__(T[, ...])`` on ``kernel``: what
+    ptxas allocated registers for, when the launch site is not evaluable."""
+    m = re.search(r'__launch_bounds__\s*\(([^,)]+)[^)]*\)\s*'
+                  + re.escape(kernel) + r'\s*\(', src_text)
+    if not m:
+        return None
+    try:
+        return int(eval(_cu_expr(m.group(1)), {'__builtins__': {}}, consts))
+    except Exception:
+        return None
+
+
 def cuda_kernel_resources(sources: Optional[List[str]] = None) -> List[dict]:
     """Every ``__global__`` kernel (every instantiation) of ``csrc/**/*.cu``
     compiled for sm_90: rows with ``kernel`` (demangled), ``file``, ``regs``,
@@ -936,7 +954,12 @@ def cuda_kernel_resources(sources: Optional[List[str]] = None) -> List[dict]:
             base = head.split('<')[0].rsplit('::', 1)[-1]
             kname = base + head[len(head.split('<')[0]):]
             site = sites.get(base, {})
-            threads = site.get('threads')
+            threads, threads_from = site.get('threads'), 'launch site'
+            if threads is None:  # e.g. dim3(l.bx, l.by) from a helper
+                threads = _cu_launch_bounds(text, base,
+                                            dict(_cu_consts(hdr_text),
+                                                 **_cu_consts(text)))
+                threads_from = '__launch_bounds__ (upper bound)'
             smem = info['smem_static_B']  # cuobjdump's SHARED adds 1 KB
             occ = (occupancy(info['regs'], smem, max(1, threads // 32))
                    if threads else dict(programs_per_sm=None, occupancy=None,
@@ -946,7 +969,7 @@ def cuda_kernel_resources(sources: Optional[List[str]] = None) -> List[dict]:
                        spill_store_B=info['spill_store_B'],
                        spill_load_B=info['spill_load_B'],
                        stack_B=info['stack_B'], smem_B=smem,
-                       threads_per_block=threads,
+                       threads_per_block=threads, threads_from=threads_from,
                        num_warps=max(1, threads // 32) if threads else None,
                        compile_s=t, grid_expr=site.get('grid'))
             row.update(occ)

@@ -166,9 +166,19 @@ def test_gate_function_rejects_each_violation():
                       (dict(regs=300), 'registers/thread'),
                       (dict(regs=255, num_warps=16), 'registers/block'),
                       (dict(smem_B=240 * 1024), 'shared memory'),
-                      (dict(programs_per_sm=0), 'not resident')):
+                      (dict(programs_per_sm=0), 'not resident'),
+                      (dict(num_warps=None), 'threads per block unknown')):
         msg = sm90.gate_failures([dict(ok, **bad)])
         assert len(msg) == 1 and word in msg[0], (bad, msg)
+
+
+def test_cu_threads_fall_back_to_launch_bounds():
+    src = ('constexpr int kT = 128;\n'
+           'template <typename T> __global__ void __launch_bounds__(kT, 2) '
+           'my_kernel(const T* x) {}\n')
+    assert sm90._cu_launch_bounds(src, 'my_kernel', sm90._cu_consts(src)) \
+        == 128
+    assert sm90._cu_launch_bounds(src, 'other_kernel', {}) is None
 
 
 if __name__ == '__main__':
