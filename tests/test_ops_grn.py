@@ -44,9 +44,8 @@ def test_gelu_grn_pw2_parity_gpu_tile_configs(dtype, monkeypatch):
     """The tile sizes the host picks on a GPU (smaller than the
     interpreter's): several, partly masked, pixel/channel blocks and W2-fold
     tiles, at a small shape."""
-    from convnextv2_fast.ops import _common, gelu_grn
-    monkeypatch.setattr(gelu_grn, 'is_interpreter', lambda: False)
-    monkeypatch.setattr(_common, 'is_interpreter', lambda: False)
+    from convnextv2_fast.ops import gelu_grn
+    monkeypatch.setenv('CONVNEXTV2_FAST_GPU_CONFIG', '1')
     N, HW, C = 2, 117, 24
     assert gelu_grn._blocks(4 * C) == (64, 64)
     assert gelu_grn.fold_blocks(C, 4 * C) == (16, 128)

@@ -8,12 +8,9 @@ import torch
 import triton
 
 from .._errors import ArgumentError
+from ..impl import is_interpreter  # noqa: F401  (re-exported to the ops)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def is_interpreter() -> bool:
-    return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
 def use_gpu_config() -> bool:
@@ -58,8 +55,9 @@ def pixel_block(block_c: int) -> int:
     The interpreter pays ~ms per program instance, so it gets big tiles; on a
     GPU the tile is kept at ~4K fp32 values (registers).
     """
-    budget = 16384 if is_interpreter() else 4096
-    return max(1, min(256 if is_interpreter() else 64, budget // block_c))
+    interp = not use_gpu_config()
+    budget = 16384 if interp else 4096
+    return max(1, min(256 if interp else 64, budget // block_c))
 
 
 def next_pow2(n: int) -> int:

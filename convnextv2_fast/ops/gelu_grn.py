@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .._errors import ArgumentError
-from ._common import check_same_device, check_tensor, is_interpreter, next_pow2
+from ._common import (check_same_device, check_tensor, next_pow2,
+                      use_gpu_config)
 from .reference import GRN_EPS
 
 _SQRT1_2 = 0.7071067811865476
@@ -221,8 +222,9 @@ def check_hidden(h):
 
 
 def _blocks(K):
-    BLOCK_K = min(next_pow2(K), 256 if is_interpreter() else 64)
-    budget = 16384 if is_interpreter() else 4096
+    interp = not use_gpu_config()
+    BLOCK_K = min(next_pow2(K), 256 if interp else 64)
+    budget = 16384 if interp else 4096
     BLOCK_P = max(1, min(256, budget // BLOCK_K))
     return BLOCK_P, BLOCK_K
 
@@ -300,8 +302,9 @@ def grn_bwd_apply(h, dv, scale, t):
 
 def fold_blocks(C, K):
     """``(BLOCK_C, BLOCK_K)`` of the W2 fold kernels (forward and backward)."""
-    BLOCK_K = min(next_pow2(K), 256 if is_interpreter() else 128)
-    budget = 16384 if is_interpreter() else 2048  # <= 255 regs, no spills
+    interp = not use_gpu_config()
+    BLOCK_K = min(next_pow2(K), 256 if interp else 128)
+    budget = 16384 if interp else 2048  # <= 255 regs, no spills
     BLOCK_C = max(1, min(next_pow2(C), budget // BLOCK_K))
     return BLOCK_C, BLOCK_K
 
