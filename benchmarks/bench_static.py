@@ -37,7 +37,10 @@ import torch
 from benchmarks import common, shapes, sm90
 
 SUITE = 'static'
-PROVIDERS = ('fast', 'fast_recompute')
+# fast = save mode (V2: no layer scale); fast_recompute; fast_layer_scale =
+# save mode with a layer scale (ConvNeXt V1-style configs, layer_scale_init_
+# value > 0): r needs a grad, so the backward launches the dr variants
+PROVIDERS = ('fast', 'fast_recompute', 'fast_layer_scale')
 PHASES = ('fwd', 'bwd')
 COLUMNS = ['suite', 'shape', 'provider', 'phase', 'kernel', 'config',
            'launches', 'programs', 'num_warps', 'num_stages', 'regs',
@@ -71,11 +74,12 @@ _ARGS = ('x', 'dw_w', 'dw_b', 'ln_w', 'ln_b', 'w1', 'b1', 'gamma', 'beta',
 
 def capture_block(shape: shapes.BlockShape, provider: str) -> dict:
     """{'fwd': [Launch...], 'bwd': [Launch...]} of one block at ``shape``
-    for ``provider`` ('fast' = save, 'fast_recompute')."""
+    for ``provider`` (see PROVIDERS)."""
     from convnextv2_fast.ops.fused_block import (backward_inputs,
                                                  fused_block_backward,
                                                  fused_block_forward)
-    save = provider == 'fast'
+    save = provider != 'fast_recompute'
+    need_dr = provider == 'fast_layer_scale'
     t = block_inputs(shape)
     args = [t[k] for k in _ARGS]
     cd = shape.compute_dtype
@@ -86,9 +90,9 @@ def capture_block(shape: shapes.BlockShape, provider: str) -> dict:
 
     def bwd():
         dout = torch.empty_like(box['out'][0])
-        # no layer scale in V2 (r needs no grad): need_dr=False, as training
+        # need_dr as training sets it: only with a layer scale
         fused_block_backward(dout, *backward_inputs(args, box['out']),
-                             compute_dtype=cd, save=save, need_dr=False)
+                             compute_dtype=cd, save=save, need_dr=need_dr)
 
     return dict(fwd=sm90.capture_launches(fwd),
                 bwd=sm90.capture_launches(bwd))
@@ -159,10 +163,9 @@ def _stages(smoke: bool):
 
 
 def select_providers(providers) -> list:
-    """``fast`` selects both static providers (run.py only knows 'fast')."""
+    """``fast`` selects every static provider (run.py only knows 'fast')."""
     providers = list(providers or PROVIDERS)
-    return [p for p in PROVIDERS
-            if p in providers or (p == 'fast_recompute' and 'fast' in providers)]
+    return [p for p in PROVIDERS if p in providers or 'fast' in providers]
 
 
 def _run_here(smoke, providers, progress=None) -> list:
