@@ -18,6 +18,7 @@ SUITES = {
     'backbone': 'benchmarks.bench_backbone',
     'maskrcnn': 'benchmarks.bench_maskrcnn',
     'fcmae': 'benchmarks.bench_fcmae',
+    'memory': 'benchmarks.bench_memory',
 }
 
 

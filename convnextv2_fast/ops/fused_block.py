@@ -189,9 +189,15 @@ def _block_bwd_op(dout: Tensor, x: Tensor, z: Tensor, h: Tensor, mean: Tensor,
 def _(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
       beta, w2, b2, r, ln_eps, grn_eps, compute_dtype, save):
     f32 = torch.float32
-    return [x.new_empty(x.shape)] + [
+    C = dw_w.shape[0]
+    # the real op returns d_dw_w as the transpose of a (49, C) sum (strides
+    # (1, 49C, 7C, C)); autograd then copies it to the weight's layout.  The
+    # memory suite's fake == real test checks this stays in step.
+    d_dw_w = dw_w.new_empty_strided(dw_w.shape, (1, 49 * C, 7 * C, C),
+                                    dtype=f32)
+    return [x.new_empty(x.shape), d_dw_w] + [
         t.new_empty(t.shape, dtype=f32)
-        for t in (dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r)]
+        for t in (dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r)]
 
 
 class FusedBlockFunction(torch.autograd.Function):
