@@ -386,6 +386,26 @@ def backbone_ratio(rows: List[dict], gpu='H100', provider='fast',
     return None
 
 
+GATE_RATIO = 0.5  # issue 8 section 3: fast <= 0.5 x reference
+
+
+def gate(rows: List[dict], gpu='H100', provider='fast') -> tuple:
+    """(ok, ratio, text): the modelled V2-B backbone forward+backward of
+    ``provider`` on ``gpu`` is at most :data:`GATE_RATIO` of the modelled
+    eager reference; ``text`` states the numbers and the assumptions."""
+    ratio = backbone_ratio(rows, gpu, provider, 'fwd+bwd')
+    times = {r['provider']: r['time_us'] for r in rows
+             if r['kind'] == 'backbone' and r['gpu'] == GPUS[gpu]['name']
+             and r['phase'] == 'fwd+bwd'}
+    text = (f'{MODEL_NOTE}: V2-B backbone blocks fwd+bwd on {gpu}: '
+            + ', '.join(f'{p} {t / 1e3:.2f} ms' for p, t in sorted(
+                times.items()))
+            + (f'; {provider}/reference = {ratio:.3f} (gate <= {GATE_RATIO})'
+               if ratio is not None else '; no ratio (rows missing)')
+            + '\nassumptions:\n' + describe(GPUS[gpu]))
+    return (ratio is not None and ratio <= GATE_RATIO), ratio, text
+
+
 def markdown(rows: List[dict]) -> str:
     """Backbone and per-block tables, the constants beside them."""
     from benchmarks.common import markdown_table

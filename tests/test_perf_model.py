@@ -155,3 +155,15 @@ def test_markdown_says_model_and_constants():
     md = pm.markdown(pm.model([], tr))
     assert 'model, not a GPU measurement' in md
     assert '3.35 TB/s' in md and '4.8 TB/s' in md and 'BACKBONE' in md
+
+
+def test_gate_accepts_half_and_rejects_more():
+    good = pm.model([], _stage_block_rows({'reference': (100., 200.),
+                                           'fast': (40., 110.)}))
+    ok, ratio, text = pm.gate(good)
+    assert ok and ratio == pytest.approx(0.5)
+    assert 'model, not a GPU measurement' in text and '3.35 TB/s' in text
+    bad = pm.model([], _stage_block_rows({'reference': (100., 200.),
+                                          'fast': (40., 111.)}))
+    assert not pm.gate(bad)[0]
+    assert not pm.gate(pm.model([], []))[0]  # no rows: no pass
