@@ -19,6 +19,7 @@ SUITES = {
     'maskrcnn': 'benchmarks.bench_maskrcnn',
     'fcmae': 'benchmarks.bench_fcmae',
     'memory': 'benchmarks.bench_memory',
+    'model': 'benchmarks.bench_model',
 }
 
 
