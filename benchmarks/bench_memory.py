@@ -129,7 +129,9 @@ def fake_copy(model, fake_mode, device='cpu'):
 def fused_path_on_cpu():
     """``impl='triton'`` resolves to the fused path for CPU tensors only
     under ``TRITON_INTERPRET=1``; set it while fake tensors run (no kernel
-    launches), restore it after."""
+    launches), restore it after.  The kernels are imported first, so they
+    are created as the process's setting says (compiled on a GPU machine)."""
+    import convnextv2_fast.ops.fused_block  # noqa: F401
     old = os.environ.get('TRITON_INTERPRET')
     os.environ['TRITON_INTERPRET'] = '1'
     try:

@@ -98,9 +98,25 @@ def markdown(rows) -> str:
     return perf_model.markdown(rows)
 
 
+def rows_in_file(path: str, suite: str) -> list:
+    """``suite`` rows of a results file (common format: a list of runs) or
+    of a plain JSON list of rows (the suites' ``--json`` output)."""
+    with open(path) as f:
+        data = json.load(f)
+    if data and isinstance(data[0], dict) and 'rows' in data[0]:
+        data = [r for run in data for r in run['rows']]
+    return [r for r in data if r.get('suite') == suite]
+
+
 def main(argv=None):
+    """``[--smoke] [--static PATH] [--traffic PATH] [--json OUT]``: PATH
+    gives an input suite's rows from a file instead."""
     argv = sys.argv[1:] if argv is None else argv
     smoke = '--smoke' in argv
+    for suite in INPUT_SUITES:
+        if f'--{suite}' in argv:
+            path = argv[argv.index(f'--{suite}') + 1]
+            _CACHE[(suite, smoke)] = (rows_in_file(path, suite), path)
     rows = run_suite(smoke, torch.device('cpu'), ['reference', 'fast'])
     print(markdown(rows))
     if rows:
