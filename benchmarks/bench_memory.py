@@ -143,6 +143,17 @@ def fused_path_on_cpu():
             os.environ['TRITON_INTERPRET'] = old
 
 
+def summary_markdown(rows) -> str:
+    """What the numbers are (run.py puts it above the table)."""
+    return ('Exact tensor storage bytes of one training step under '
+            'FakeTensorMode at the real shape (bf16 autocast, CUDA policy) '
+            '-- counted, not a GPU measurement: no allocator rounding or '
+            'caching, no cuBLAS/cuDNN workspace, a fused custom op counts its '
+            'outputs, not its internal workspace.  MiB = 2**20 B; '
+            'saved_B_per_block_elem = saved bytes / sum over blocks of '
+            'N*H*W*C.')
+
+
 def block_saved_bytes(shape, provider: str) -> int:
     """Bytes one V2-B block (``shape``: a ``benchmarks.shapes.BlockShape``)
     saves for backward, its input included, under fake tensors in the

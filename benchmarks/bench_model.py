@@ -10,7 +10,7 @@ came from (``inputs``).
 
 Rows: per kernel, per block (``kernel='BLOCK'``, phases fwd, bwd, fwd+bwd)
 and per backbone (``kernel='BACKBONE'``, depth-weighted stages), each GPU,
-with ``ratio_vs_reference``.  :func:`markdown` renders the tables under the
+with ``ratio_vs_reference``.  :func:`summary_markdown` renders the tables under the
 heading "model, not a GPU measurement" with every constant beside them.
 
 ``python -m benchmarks.bench_model [--smoke]`` prints that markdown.
@@ -93,9 +93,11 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None):
     return rows
 
 
-def markdown(rows) -> str:
-    """The model tables with their heading and constants."""
-    return perf_model.markdown(rows)
+def summary_markdown(rows) -> str:
+    """The model's heading ("model, not a GPU measurement"), constants and
+    block/backbone table (run.py puts it above the per-kernel table)."""
+    src = f"\n\nInputs: {rows[0]['inputs']}" if rows else ''
+    return perf_model.markdown(rows) + src
 
 
 def rows_in_file(path: str, suite: str) -> list:
@@ -118,7 +120,7 @@ def main(argv=None):
             path = argv[argv.index(f'--{suite}') + 1]
             _CACHE[(suite, smoke)] = (rows_in_file(path, suite), path)
     rows = run_suite(smoke, torch.device('cpu'), ['reference', 'fast'])
-    print(markdown(rows))
+    print(summary_markdown(rows))
     if rows:
         print(f"inputs: {rows[0]['inputs']}")
     if '--json' in argv:
