@@ -269,3 +269,22 @@ def test_custom_op_fake_impls_match(save, need_dr):
                 p[5], p[6], p[7], w2, p[9], r, *cfg, need_dr)
     torch.library.opcheck(_block_bwd_op, bwd_args,
                           test_utils=('test_faketensor', ))
+
+
+@pytest.mark.interpreter
+def test_block_layer_scale_gpu_tile_configs(monkeypatch):
+    """The dr path of the W2-fold backward (layer scale) and the bias /
+    column-sum kernels with the tile sizes the host picks on a GPU."""
+    from convnextv2_fast.ops import _common, gelu_grn
+    from test_fused_block import block_input, make_block, names, run, variant
+    monkeypatch.setattr(gelu_grn, 'is_interpreter', lambda: False)
+    monkeypatch.setattr(_common, 'is_interpreter', lambda: False)
+    Cb = 24
+    blk = make_block(Cb, ls=0.5)
+    x = block_input(2, Cb, 9, 13, torch.float32)
+    grad = torch.randn(2, Cb, 9, 13)
+    cand = run(variant(blk, torch.float32, 'triton'), x, grad, poison=True)
+    ref = run(variant(blk, torch.float64, 'reference'), x.double(), grad)
+    for n, c, r in zip(names(blk), cand, ref):
+        torch.testing.assert_close(c.double(), r, rtol=1e-4, atol=1e-4,
+                                   msg=n)

@@ -45,15 +45,17 @@ _INV_SQRT_2PI = 0.3989422804014327
 @triton.jit
 def _hidden_tile(HW, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's tile of an (N, HW, K) tensor: grid (n, pixel tile t,
-    channel block); returns (n, t, channels k, k mask, 2-D mask, offsets)."""
+    channel block); returns (n, t, channels k, k mask, 2-D mask, offsets).
+    The offsets are int32 within the sample (HW * K < 2**31) on an int64
+    sample base: half the address registers of all-int64 offsets."""
     n = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
-    kb = tl.program_id(2).to(tl.int64)
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    t = tl.program_id(1)
+    kb = tl.program_id(2)
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
     return (n, t, k, kmask, (p < HW)[:, None] & kmask[None, :],
-            n * HW * K + p[:, None] * K + k[None, :])
+            n * HW * K, p[:, None] * K + k[None, :])
 
 
 @triton.jit
@@ -63,11 +65,11 @@ def _gelu_sumsq_kernel(
         PART,  # (N, num_p_tiles, K) fp32 out: sum over the tile of u**2
         HW, K,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    n, t, k, kmask, m2, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
-    h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
+    n, t, k, kmask, m2, base, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
+    h = tl.load(Hp + base + off, mask=m2, other=0.).to(tl.float32)
     u = 0.5 * h * (1. + tl.math.erf(h * 0.7071067811865476))
     u_st = u.to(U.dtype.element_ty)
-    tl.store(U + off, u_st, mask=m2)
+    tl.store(U + base + off, u_st, mask=m2)
     uf = u_st.to(tl.float32)  # the values the GEMM will see
     tl.store(PART + (n * tl.num_programs(1) + t) * K + k,
              tl.sum(uf * uf, axis=0), mask=kmask)
@@ -81,12 +83,12 @@ def _grn_bwd_reduce_kernel(
         PART,  # (N, num_p_tiles, K) fp32 out: sum over the tile of dv * u
         HW, K,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    n, t, k, kmask, m2, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
-    h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
-    dv = tl.load(DV + off, mask=m2, other=0.).to(tl.float32)
+    n, t, k, kmask, m2, base, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
+    h = tl.load(Hp + base + off, mask=m2, other=0.).to(tl.float32)
+    dv = tl.load(DV + base + off, mask=m2, other=0.).to(tl.float32)
     u = 0.5 * h * (1. + tl.math.erf(h * 0.7071067811865476))
     u_st = u.to(U.dtype.element_ty)
-    tl.store(U + off, u_st, mask=m2)
+    tl.store(U + base + off, u_st, mask=m2)
     tl.store(PART + (n * tl.num_programs(1) + t) * K + k,
              tl.sum(dv * u_st.to(tl.float32), axis=0), mask=kmask)
 
@@ -101,9 +103,9 @@ def _grn_bwd_apply_kernel(
         PART,  # (N, num_p_tiles, K) fp32 out: sum over the tile of dh
         HW, K,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    n, t, k, kmask, m2, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
-    h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
-    dv = tl.load(DV + off, mask=m2, other=0.).to(tl.float32)
+    n, t, k, kmask, m2, base, off = _hidden_tile(HW, K, BLOCK_P, BLOCK_K)
+    h = tl.load(Hp + base + off, mask=m2, other=0.).to(tl.float32)
+    dv = tl.load(DV + base + off, mask=m2, other=0.).to(tl.float32)
     sc = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
     tt = tl.load(T + n * K + k, mask=kmask, other=0.)
     cdf = 0.5 * (1. + tl.math.erf(h * 0.7071067811865476))
@@ -111,7 +113,7 @@ def _grn_bwd_apply_kernel(
     du = dv * sc[None, :] + u * tt[None, :]
     dgelu = cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327
     dh = (du * dgelu).to(DH.dtype.element_ty)
-    tl.store(DH + off, dh, mask=m2)
+    tl.store(DH + base + off, dh, mask=m2)
     # the values the pw1 weight-grad GEMM sees; masked lanes are 0
     tl.store(PART + (n * tl.num_programs(1) + t) * K + k,
              tl.sum(dh.to(tl.float32), axis=0), mask=kmask)
@@ -129,8 +131,7 @@ def _w2_tile(C, K, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     cmask = c < C
     kmask = k < K
     m2 = cmask[:, None] & kmask[None, :]
-    return (cb, kb, c, k, cmask, kmask, m2,
-            c[:, None].to(tl.int64) * K + k[None, :])
+    return (cb, kb, c, k, cmask, kmask, m2, c[:, None] * K + k[None, :])
 
 
 @triton.jit
@@ -145,18 +146,19 @@ def _w2_fold_kernel(
         HAS_W2C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     cb, kb, c, k, cmask, kmask, m2, off = _w2_tile(C, K, BLOCK_C, BLOCK_K)
-    w = tl.load(W2 + c[:, None].to(tl.int64) * stride_c
-                + k[None, :].to(tl.int64) * stride_k,
+    w = tl.load(W2 + c[:, None] * stride_c + k[None, :] * stride_k,
                 mask=m2, other=0.).to(tl.float32)
     beta = tl.load(BETA + k, mask=kmask, other=0.).to(tl.float32)
     tl.store(BPART + kb * C + c, tl.sum(w * beta[None, :], axis=1),
              mask=cmask)
     if HAS_W2C:
         tl.store(W2C + off, w.to(W2C.dtype.element_ty), mask=m2)
+    out_ptrs = W2S + off  # advanced by one (C, K) matrix per sample
     for n in range(N):
         s = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
-        tl.store(W2S + n * C * K + off,
-                 (w * s[None, :]).to(W2S.dtype.element_ty), mask=m2)
+        tl.store(out_ptrs, (w * s[None, :]).to(W2S.dtype.element_ty),
+                 mask=m2)
+        out_ptrs += C * K
 
 
 @triton.jit
@@ -175,18 +177,18 @@ def _w2_fold_bwd_kernel(
         APPLY_R: tl.constexpr, NEED_DR: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     cb, kb, c, k, cmask, kmask, m2, off = _w2_tile(C, K, BLOCK_C, BLOCK_K)
-    w = tl.load(W2 + c[:, None].to(tl.int64) * stride_c
-                + k[None, :].to(tl.int64) * stride_k,
+    w = tl.load(W2 + c[:, None] * stride_c + k[None, :] * stride_k,
                 mask=m2, other=0.).to(tl.float32)
     beta = tl.load(BETA + k, mask=kmask, other=0.).to(tl.float32)
     db2 = tl.load(DB2 + c, mask=cmask, other=0.)
     tl.store(DBPART + cb * K + k, tl.sum(w * db2[:, None], axis=0),
              mask=kmask)
     acc = db2[:, None] * beta[None, :]
+    p_ptrs = P + off  # advanced by one (C, K) matrix per sample
     for n in range(N):
         s = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
-        sp = tl.load(P + n * C * K + off, mask=m2,
-                     other=0.).to(tl.float32) * s[None, :]
+        sp = tl.load(p_ptrs, mask=m2, other=0.).to(tl.float32) * s[None, :]
+        p_ptrs += C * K
         if APPLY_R:
             rn = tl.load(RS + n * C + c, mask=cmask, other=0.)
             acc += rn[:, None] * sp
@@ -284,7 +286,7 @@ def grn_bwd_apply(h, dv, scale, t):
 def fold_blocks(C, K):
     """``(BLOCK_C, BLOCK_K)`` of the W2 fold kernels (forward and backward)."""
     BLOCK_K = min(next_pow2(K), 256 if is_interpreter() else 128)
-    budget = 16384 if is_interpreter() else 4096
+    budget = 16384 if is_interpreter() else 2048  # <= 255 regs, no spills
     BLOCK_C = max(1, min(next_pow2(C), budget // BLOCK_K))
     return BLOCK_C, BLOCK_K
 
