@@ -84,9 +84,12 @@ def capture_block(shape: shapes.BlockShape, provider: str) -> dict:
         box['out'] = fused_block_forward(*args, compute_dtype=cd, save=save)
 
     def bwd():
-        out, z, h, mean, rstd, S = box['out']
+        out, z, h, mean, rstd, S, w1c, w2c = box['out']
         dout = torch.empty_like(out)
-        fused_block_backward(dout, t['x'], z, h, mean, rstd, S, *args[1:],
+        p = list(args[1:])  # as FusedBlockFunction: the forward's casts
+        p[4] = w1c if w1c.numel() else p[4]
+        p[8] = w2c if w2c.numel() else p[8]
+        fused_block_backward(dout, t['x'], z, h, mean, rstd, S, *p,
                              compute_dtype=cd, save=save)
 
     return dict(fwd=sm90.capture_launches(fwd),

@@ -149,10 +149,13 @@ def run_fast_block(shape: BlockShape, recompute: bool, sample=None,
             fwd = fused_block_forward(x, *params, compute_dtype=cd,
                                       save=save)
         out['fwd'] = rec
-        _, z, h, mean, rstd, S = fwd
+        _, z, h, mean, rstd, S, w1c, w2c = fwd
+        p = list(params)  # as FusedBlockFunction: the forward's casts
+        p[4] = w1c if w1c.numel() else p[4]
+        p[8] = w2c if w2c.numel() else p[8]
         dout = torch.randn(x.shape).to(x.dtype)
         with counting() as rec:
-            fused_block_backward(dout, x, z, h, mean, rstd, S, *params,
+            fused_block_backward(dout, x, z, h, mean, rstd, S, *p,
                                  compute_dtype=cd, save=save)
         out['bwd'] = rec
     return out
