@@ -23,6 +23,8 @@ SUITES = {
     'fcmae': 'benchmarks.bench_fcmae',
     'static': 'benchmarks.bench_static',
     'traffic': 'benchmarks.bench_traffic',
+    'memory': 'benchmarks.bench_memory',
+    'model': 'benchmarks.bench_model',
 }
 
 # Suites computed on the CPU (compiler output, interpreter counts, fake
