@@ -4,8 +4,10 @@ backbone -- model, not a GPU measurement.
 Applies :mod:`benchmarks.perf_model` to the rows of the ``static`` and
 ``traffic`` suites.  Their rows come, in this order of preference, from
 (1) this process (an earlier ``run_suite`` here), (2) the newest stored run
-in ``benchmarks/results/*.json`` made at the current commit with the same
-smoke flag, (3) running the suite now.  Each model row says where its inputs
+in ``benchmarks/results/*.json`` made from the same sources (the same
+:func:`benchmarks.common.source_digest`: kernels, host code, extension
+sources, instruments, torch and Triton versions) with the same smoke flag,
+(3) running the suite now.  Each model row says where its inputs
 came from (``inputs``).
 
 Rows: per kernel, per block (``kernel='BLOCK'``, phases fwd, bwd, fwd+bwd)
@@ -32,10 +34,10 @@ COLUMNS = ['gpu', 'shape', 'provider', 'phase', 'kernel', 'time_us',
 _CACHE = {}
 
 
-def stored_rows(suite: str, smoke: bool, commit: str,
+def stored_rows(suite: str, smoke: bool, digest: str,
                 results_dir: str = common.RESULTS_DIR):
-    """(rows, source) of the newest stored run with ``suite`` rows at
-    ``commit`` and the same smoke flag, or (None, None)."""
+    """(rows, source) of the newest stored run with ``suite`` rows made from
+    sources with ``digest`` and the same smoke flag, or (None, None)."""
     best = None
     for path in glob.glob(os.path.join(results_dir, '*.json')):
         try:
@@ -46,7 +48,7 @@ def stored_rows(suite: str, smoke: bool, commit: str,
             meta = run.get('meta', {})
             rows = [r for r in run.get('rows', [])
                     if r.get('suite') == suite]
-            if not rows or meta.get('commit') != commit or \
+            if not rows or meta.get('source_digest') != digest or \
                     bool(meta.get('smoke')) != bool(smoke):
                 continue
             stamp = meta.get('timestamp') or ''
@@ -60,8 +62,7 @@ def input_rows(suite: str, smoke: bool, device, providers):
     key = (suite, smoke)
     if key in _CACHE:
         return _CACHE[key]
-    rows, source = stored_rows(suite, smoke, common.env_metadata(
-        torch.device('cpu'))['commit'])
+    rows, source = stored_rows(suite, smoke, common.source_digest())
     if rows is None:
         try:
             module = importlib.import_module(f'benchmarks.bench_{suite}')

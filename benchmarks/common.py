@@ -39,9 +39,40 @@ def _commit() -> str:
         return 'unknown'
 
 
+# What CPU-suite rows (static, traffic, memory, model) are a function of:
+# the kernels and host code, the extension sources, the instruments
+# themselves -- not the results files, the README or the tests.
+_SOURCE_GLOBS = ('convnextv2_fast/**/*.py', 'csrc/**/*', 'benchmarks/*.py')
+
+
+def source_digest(root: str = os.path.dirname(RESULTS_DIR) + '/..') -> str:
+    """sha256 (16 hex) of the sources the CPU suites' rows depend on, plus
+    the torch and Triton versions: stored rows with the same digest are the
+    rows a run now would produce (the model suite reuses them)."""
+    import glob
+    import hashlib
+    root = os.path.abspath(root)
+    h = hashlib.sha256()
+    files = sorted({f for g in _SOURCE_GLOBS
+                    for f in glob.glob(os.path.join(root, g), recursive=True)
+                    if os.path.isfile(f) and not f.endswith(('.so', '.pyc'))})
+    for f in files:
+        h.update(os.path.relpath(f, root).encode())
+        with open(f, 'rb') as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    try:
+        import triton
+        h.update(triton.__version__.encode())
+    except ImportError:
+        pass
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
 def env_metadata(device: torch.device) -> dict:
     meta = dict(device=device_name(device), torch=torch.__version__,
                 cuda=str(torch.version.cuda), commit=_commit(),
+                source_digest=source_digest(),
                 timestamp=datetime.datetime.now(
                     datetime.timezone.utc).isoformat(timespec='seconds'))
     for name in ('triton', 'mmcv', 'mmdet', 'mmpretrain'):

@@ -12,15 +12,15 @@ from convnextv2_fast.ops.gelu_grn import grn_stats
 
 from _dispatch_count import OpLog
 
-N, H, W, C = 2, 5, 7, 8
+N, H, W, C = 2, 9, 11, 8  # E >= 4 * C * K: save mode keeps the weight casts
 K = 4 * C
 HW, E = H * W, N * H * W * C
 
 
-def _block_inputs(ls=False, seed=0):
+def _block_inputs(ls=False, seed=0, hw=(H, W)):
     """fp32 params and stream, as under autocast (compute dtype fp16)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, H, W, C, generator=g)
+    x = torch.randn(N, *hw, C, generator=g)
     params = [torch.randn(C, 1, 7, 7, generator=g) / 7,  # dw_w
               torch.randn(C, generator=g), 1 + 0.2 * torch.randn(C, generator=g),
               torch.randn(C, generator=g) * 0.2,
@@ -31,8 +31,8 @@ def _block_inputs(ls=False, seed=0):
     return x, params, r
 
 
-def _fwd_bwd(save=True, need_dr=False, ls=False, pass_casts=True):
-    x, p, r = _block_inputs(ls)
+def _fwd_bwd(save=True, need_dr=False, ls=False, pass_casts=True, hw=(H, W)):
+    x, p, r = _block_inputs(ls, hw=hw)
     cd = torch.float16
     with OpLog() as fwd:
         out, z, h, mean, rstd, S, w1c, w2c = fused_block_forward(
@@ -125,6 +125,12 @@ def test_pointwise_weights_cast_once():
     _, bwd_r, (w1r, w2r), _ = _fwd_bwd(save=False)
     assert w1r.numel() == 0 and w2r.numel() == 0
     assert len(_weight_casts(bwd_r)) == 2
+    # save mode where a cast would exceed E/4 elements (4C^2 > E/4,
+    # V2-B stage 4): not kept, recast in the backward (the saved-bytes gate)
+    _, bwd_s, (w1s, w2s), _ = _fwd_bwd(save=True, hw=(3, 5))
+    assert 4 * C * K > N * 3 * 5 * C
+    assert w1s.numel() == 0 and w2s.numel() == 0
+    assert len(_weight_casts(bwd_s)) == 2
 
 
 @pytest.mark.interpreter

@@ -25,11 +25,13 @@ computed only when ``r`` requires grad (a layer scale).
 
 Weights: the pointwise weights are cast to the compute dtype once per
 forward; in ``save`` mode those casts are saved for the backward in place of
-the weights (nothing is recast there).  Under autocast (fp32 weights) that
-keeps ``2 * 4C^2`` half-precision elements per block alive until the
-backward (16C/M bytes per block element: 8 B/elem at V2-B stage 4); in
-``recompute`` mode (memory first) they are not kept and are cast again in
-the backward.
+the weights (nothing is recast there) while each has at most E/4 elements
+(E = N*H*W*C): under autocast (fp32 weights) they keep ``2 * 4C^2``
+half-precision elements alive until the backward, 16C/M bytes per block
+element -- <= 1 B/elem at V2-B stages 1-3 at 1024^2, but 8 B/elem at stage
+4, where they are recast in the backward instead (the saved-bytes gate;
+:func:`keep_cast` is the rule).
+In ``recompute`` mode (memory first) they are never kept.
 
 Recompute switch
 ----------------
@@ -90,6 +92,13 @@ def _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2,
     return N, H, W, C, K
 
 
+def keep_cast(x, w, cd, save) -> bool:
+    """Whether the forward returns ``w`` cast to ``cd`` for the backward
+    (the real op and its fake impl both ask this): save mode, a real cast,
+    and at most E/4 elements (E = x.numel(); see the module docstring)."""
+    return bool(save) and w.dtype != cd and 4 * w.numel() <= x.numel()
+
+
 def _cast_weight(w, cd):
     """``w`` in the compute dtype: a copy only when the dtypes differ."""
     return w.detach().to(cd)
@@ -114,8 +123,9 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
     ``(out, z, h, mean, rstd, S, w1c, w2c)``; z/h/mean/rstd are empty when
     ``save`` is False (recompute mode).  ``w1c``/``w2c`` are the pointwise
     weights cast to the compute dtype once here, returned (for the backward,
-    in place of the weights) only in ``save`` mode and only when the cast is
-    a real copy (weight dtype != compute dtype); empty otherwise.
+    in place of the weights) only in ``save`` mode, only when the cast is a
+    real copy (weight dtype != compute dtype) and only while each weight has
+    at most E/4 elements; empty otherwise.
     """
     N, H, W, C, K = _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1,
                                       gamma, beta, w2, b2, r)
@@ -126,14 +136,14 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
         w1c = _cast_weight(w1, cd)
         h = F.linear(z.view(-1, C), w1c, _cast_weight(b1, cd)).view(
             N, H * W, K)
-        keep_w2 = save and w2.dtype != cd
+        keep_w2 = keep_cast(x, w2, cd, save)
         a, bias2, S, w2c = grn_pw2_forward(h, gamma, beta, w2, b2, grn_eps,
                                            keep_w2=keep_w2)
         out = scale_residual_forward(a, r.detach(), x.view(N, H * W, C),
                                      out_dtype=x.dtype, bias=bias2)
     out = out.view(N, H, W, C)
     empty = x.new_empty((0, ), dtype=cd)
-    w1c = w1c if save and w1.dtype != cd else empty.clone()
+    w1c = w1c if keep_cast(x, w1, cd, save) else empty.clone()
     w2c = w2c if keep_w2 else empty.clone()
     if not save:
         z, h = empty, empty.clone()
@@ -228,8 +238,8 @@ def _(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
             maybe((N * H * W, ), f32, save),
             maybe((N * H * W, ), f32, save),
             x.new_empty((N, K), dtype=f32),
-            maybe(tuple(w1.shape), cd, save and w1.dtype != cd),
-            maybe(tuple(w2.shape), cd, save and w2.dtype != cd))
+            maybe(tuple(w1.shape), cd, keep_cast(x, w1, cd, save)),
+            maybe(tuple(w2.shape), cd, keep_cast(x, w2, cd, save)))
 
 
 @torch.library.custom_op('convnextv2_fast::block_bwd', mutates_args=())
