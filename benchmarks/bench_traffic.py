@@ -362,8 +362,9 @@ def run_rows(stages, sizes, providers, sampled=True, progress=None):
     return rows
 
 
-def run_suite(smoke: bool, device, providers, progress=None):
-    """Entry used by ``benchmarks/run.py`` (CPU; ``device`` is not used)."""
+def run_suite(smoke: bool, device, providers, progress=None, stages=None):
+    """Entry used by ``benchmarks/run.py`` (CPU; ``device`` is not used).
+    ``stages``: names of the stages to run (default all)."""
     provs = [p for p in PROVIDERS if p in providers or (
         p == 'fast_recompute' and 'fast' in providers)]
     if not kernels_interpreted():
@@ -371,7 +372,8 @@ def run_suite(smoke: bool, device, providers, progress=None):
     if smoke:
         return run_rows(MASKRCNN_V2B[:1], SMOKE_SIZES, provs, sampled=False,
                         progress=progress)
-    return run_rows(MASKRCNN_V2B, SIZES, provs, progress=progress)
+    todo = [s for s in MASKRCNN_V2B if not stages or s.name in stages]
+    return run_rows(todo, SIZES, provs, progress=progress)
 
 
 def _run_in_subprocess(smoke, providers):
@@ -473,6 +475,8 @@ def main(argv=None):
                    help='write the rows (a JSON list) here')
     p.add_argument('--out', default=None,
                    help='results JSON (common format) + .md beside it')
+    p.add_argument('--stages', nargs='+', default=None,
+                   help='subset of ' + ' '.join(s.name for s in MASKRCNN_V2B))
     p.add_argument('--render', default=None, metavar='JSON',
                    help='only regenerate the .md of a stored results JSON')
     args = p.parse_args(argv)
@@ -481,7 +485,7 @@ def main(argv=None):
         return 0
     os.environ.setdefault('TRITON_INTERPRET', '1')
     rows = run_suite(args.smoke, torch.device('cpu'), args.providers,
-                     progress=lambda r: print(
+                     stages=args.stages, progress=lambda r: print(
                          f"{r['shape']} {r['H']}x{r['W']} {r['provider']} "
                          f"{r['phase']} {r['kernel']}", flush=True))
     if args.rows_json:
