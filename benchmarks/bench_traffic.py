@@ -75,7 +75,8 @@ COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase', 'kind', 'kernel',
            'calls',
            'l1_B_per_elem', 'l2_B_per_elem', 'hbm_B_per_elem',
            'own_footprint_B', 'flops_per_elem', 'programs', 'programs_run']
-SUMMARY_COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase', 'l1_B_per_elem',
+SUMMARY_COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase',
+                   'l1_B_per_elem',
                    'l2_B_per_elem', 'hbm_B_per_elem', 'flops_per_elem']
 
 

@@ -1,4 +1,5 @@
-"""Memory-traffic counters that run without a GPU (model, not a GPU measurement).
+"""Memory-traffic counters that run without a GPU (a model, not a GPU
+measurement).
 
 Two counters, reused by the ``traffic`` suite (:mod:`benchmarks.bench_traffic`)
 and the traffic gates (``tests/test_traffic_gates.py``):
