@@ -10,26 +10,41 @@ N=2, C=128..1024, stream fp32 at stage 1 / bf16 after, compute bf16):
   channels_last input (what the fused path and ``bench_block`` use).
 * ``fast`` / ``fast_recompute``: ``fused_block_forward`` /
   ``fused_block_backward`` (save / recompute) driven in the Triton
-  interpreter at the real C and dtypes with the spatial size scaled down
-  (``BlockShape.scaled``); the host functions pick the tile sizes they pick
-  on a GPU (``TRITON_INTERPRET`` reads 0 while they choose, 1 while the
-  kernels run).  Triton kernels are counted per launch by
+  interpreter at the real C and dtypes (bf16 tensors: the interpreter's bf16
+  arithmetic is wrong, but only addresses are used) with the spatial size
+  scaled down (``BlockShape.scaled``); the host functions pick the tile sizes
+  they pick on a GPU (``TRITON_INTERPRET`` reads 0 while they choose, 1 while
+  the kernels run).  Triton kernels are counted per launch by
   :class:`benchmarks.traffic.TritonTraffic`, torch ops in the host functions
   by :class:`benchmarks.traffic.AtenTraffic`.
 
-Rows (consumed as data by the performance model): ``suite, shape (full-size
-name), H, W (size run), provider, phase (fwd | bwd), kind (triton | aten),
-kernel, calls, l1_B, l2_B, hbm_B, own_footprint_B, flops`` and the same per
-block element of the run (E = N*H*W*C), plus ``kernel='TOTAL'`` rows per
-(shape, size, provider, phase) and for phase ``fwd+bwd``.  aten rows carry
-the op's in+out bytes in all three views (library kernels are opaque).
+Sizes.  The runs keep the stage's real width W and use heights 8 and 16
+(``basis='run'``): with the real W a pixel tile meets the image rows as at
+full size (a 32-pixel tile is 1/8 of a 256-pixel row; in an 8x8 image it would
+span 4 rows and reuse its own halo).  Bytes are then linear in H (interior
+rows add the same, the three border rows at each edge and the per-call weight
+traffic a constant), so each kernel is extrapolated to the full height
+(``basis='fit'``, ``H, W`` = full; a third height reproduces the fit, see
+``tests/test_traffic_gates.py``).  The per-element figures of the two heights
+show the trend: they fall with H only through the border rows and the
+weight traffic (``_to_copy`` of weights, the W2 fold), which do not grow
+with the image.
 
-Per-program tile re-reads at the real shape: the depthwise kernels are also
-run at the FULL shape with a few programs sampled (``H, W`` = real,
-``kind='triton-sampled'``; l1/l2/own figures extrapolated x programs /
-programs_run, ``hbm_B`` not measured).  This is the size at which a grid
-capped in programs (today's wgrad: 512) gives each program as many tiles as
-on the GPU.
+What the fit cannot see: a grid capped in programs (today's wgrad: 512)
+gives each program more tiles at full size, so its per-program reuse
+distance grows.  The depthwise kernels are therefore also run at the FULL
+shape with 4 random programs each (``basis='sampled'``; l1/l2/own figures
+extrapolated x programs / programs_run, ``hbm_B`` not measured, torch ops
+replaced by uninitialised outputs).
+
+Rows (consumed as data by the performance model): ``suite, shape (full-size
+name), H, W (size run, or full for fit/sampled), basis, provider, phase
+(fwd | bwd | fwd+bwd for totals), kind (triton | aten | total), kernel,
+calls, l1_B, l2_B, hbm_B, own_footprint_B, flops`` and the same per block
+element of the row's size (E = N*H*W*C), plus ``kernel='TOTAL'`` rows per
+(shape, size, basis, provider, phase).  aten rows carry the op's in+out bytes
+in all three views (library kernels are opaque); Triton rows have flops 0
+(not counted); ``l1_share_B`` is the simulated per-program L1.
 
 Usage: ``python -m benchmarks --suites traffic`` or
 ``python benchmarks/bench_traffic.py [--smoke] [--out PATH]``.
@@ -56,10 +71,12 @@ SIZES = ((8, None), (16, None))
 SMOKE_SIZES = ((8, 8), )
 DW_PREFIX = '_dwconv'
 MODEL_NOTE = 'model, not a GPU measurement'
-COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase', 'kind', 'kernel', 'calls',
+COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase', 'kind', 'kernel',
+           'calls',
            'l1_B_per_elem', 'l2_B_per_elem', 'hbm_B_per_elem',
            'own_footprint_B', 'flops_per_elem', 'programs', 'programs_run']
-SUMMARY_COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase', 'l1_B_per_elem',
+SUMMARY_COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase',
+                   'l1_B_per_elem',
                    'l2_B_per_elem', 'hbm_B_per_elem', 'flops_per_elem']
 
 
@@ -232,7 +249,7 @@ def default_l1_share(launch) -> int:
 
 
 def _base(full, H, W, provider, phase, basis, note=''):
-    return dict(suite='traffic', shape=full.name, H=H, W=W,
+    return dict(suite='traffic', bench='traffic', shape=full.name, H=H, W=W,
                 provider=provider, phase=phase, basis=basis,
                 note=MODEL_NOTE + note)
 
@@ -347,8 +364,9 @@ def run_rows(stages, sizes, providers, sampled=True, progress=None):
     return rows
 
 
-def run_suite(smoke: bool, device, providers, progress=None):
-    """Entry used by ``benchmarks/run.py`` (CPU; ``device`` is not used)."""
+def run_suite(smoke: bool, device, providers, progress=None, stages=None):
+    """Entry used by ``benchmarks/run.py`` (CPU; ``device`` is not used).
+    ``stages``: names of the stages to run (default all)."""
     provs = [p for p in PROVIDERS if p in providers or (
         p == 'fast_recompute' and 'fast' in providers)]
     if not kernels_interpreted():
@@ -356,7 +374,8 @@ def run_suite(smoke: bool, device, providers, progress=None):
     if smoke:
         return run_rows(MASKRCNN_V2B[:1], SMOKE_SIZES, provs, sampled=False,
                         progress=progress)
-    return run_rows(MASKRCNN_V2B, SIZES, provs, progress=progress)
+    todo = [s for s in MASKRCNN_V2B if not stages or s.name in stages]
+    return run_rows(todo, SIZES, provs, progress=progress)
 
 
 def _run_in_subprocess(smoke, providers):
@@ -379,11 +398,72 @@ def _run_in_subprocess(smoke, providers):
             return json.load(f)
 
 
+def full_size_totals(rows):
+    """Per (shape, provider): bytes per block element at the full shape, fwd
+    and fwd+bwd -- reference counted at the full shape, fast providers from
+    the height fit, with ``l2_dw_sampled`` = the fitted fwd+bwd L2 view with
+    the depthwise kernels' share replaced by their sampled full-shape
+    figure (the per-program reuse distance of a capped grid)."""
+    out = []
+    keys = []
+    for r in rows:
+        k = (r['shape'], r['provider'])
+        if k not in keys:
+            keys.append(k)
+    for shape, prov in keys:
+        basis = 'run' if prov == 'reference' else 'fit'
+        sel = [r for r in rows if r['shape'] == shape and
+               r['provider'] == prov and r['basis'] == basis]
+        tot = {r['phase']: r for r in sel if r['kernel'] == 'TOTAL'}
+        if 'fwd' not in tot or 'fwd+bwd' not in tot:
+            continue
+        row = dict(shape=shape, provider=prov)
+        for ph, tag in (('fwd', 'fwd'), ('fwd+bwd', 'fwdbwd')):
+            for k in ('l1', 'l2', 'hbm'):
+                row[f'{tag}_{k}'] = tot[ph][f'{k}_B_per_elem']
+        dw_fit = sum(r['l2_B_per_elem'] for r in sel
+                     if r['kernel'].startswith(DW_PREFIX))
+        smp = [r for r in rows if r['shape'] == shape and
+               r['provider'] == prov and r['basis'] == 'sampled' and
+               r['kernel'].startswith(DW_PREFIX)]
+        row['fwdbwd_l2_dw_sampled'] = (
+            row['fwdbwd_l2'] - dw_fit + sum(r['l2_B_per_elem'] for r in smp)
+            if smp else None)
+        out.append(row)
+    return out
+
+
+FULL_COLUMNS = ['shape', 'provider', 'fwd_l1', 'fwd_l2', 'fwd_hbm',
+                'fwdbwd_l1', 'fwdbwd_l2', 'fwdbwd_hbm', 'fwdbwd_l2_dw_sampled']
+
+
 def summary_markdown(rows) -> str:
     from benchmarks.common import markdown_table
     tot = [r for r in rows if r['kernel'] == 'TOTAL']
-    return (f'Bytes per block element ({MODEL_NOTE}).\n\n' +
+    return (f'Bytes per block element at the full shape ({MODEL_NOTE}; '
+            'fast providers extrapolated from two heights at the real width, '
+            'reference counted at the full shape).\n\n' +
+            markdown_table(full_size_totals(rows), FULL_COLUMNS) +
+            '\n\nTotals per run size (the per-element figures of the two '
+            'heights and of the fit show the size dependence).\n\n' +
             markdown_table(tot, SUMMARY_COLUMNS))
+
+
+def write_markdown(json_path: str) -> str:
+    """(Re)generate the ``.md`` beside a results JSON from its last run."""
+    from benchmarks import common
+    run = common.load_runs(json_path)[-1]
+    meta, rows = run['meta'], run['rows']
+    md = (f"{MODEL_NOTE}: traffic suite | {meta.get('device')} | torch "
+          f"{meta.get('torch')} | triton {meta.get('triton')} | commit "
+          f"{meta.get('commit')} | {meta.get('timestamp')}"
+          f"{' | smoke' if meta.get('smoke') else ''}\n\n" +
+          summary_markdown(rows) + '\n\n### per kernel\n\n' +
+          common.markdown_table(rows, COLUMNS) + '\n')
+    path = os.path.splitext(json_path)[0] + '.md'
+    with open(path, 'w') as f:
+        f.write(md)
+    return path
 
 
 def main(argv=None):
@@ -397,10 +477,17 @@ def main(argv=None):
                    help='write the rows (a JSON list) here')
     p.add_argument('--out', default=None,
                    help='results JSON (common format) + .md beside it')
+    p.add_argument('--stages', nargs='+', default=None,
+                   help='subset of ' + ' '.join(s.name for s in MASKRCNN_V2B))
+    p.add_argument('--render', default=None, metavar='JSON',
+                   help='only regenerate the .md of a stored results JSON')
     args = p.parse_args(argv)
+    if args.render:
+        print(write_markdown(args.render))
+        return 0
     os.environ.setdefault('TRITON_INTERPRET', '1')
     rows = run_suite(args.smoke, torch.device('cpu'), args.providers,
-                     progress=lambda r: print(
+                     stages=args.stages, progress=lambda r: print(
                          f"{r['shape']} {r['H']}x{r['W']} {r['provider']} "
                          f"{r['phase']} {r['kernel']}", flush=True))
     if args.rows_json:
@@ -411,13 +498,7 @@ def main(argv=None):
         meta = common.env_metadata(torch.device('cpu'))
         meta.update(smoke=args.smoke, suite='traffic', note=MODEL_NOTE)
         common.append_results(args.out, meta, rows)
-        md = (f"{MODEL_NOTE}: traffic suite | torch {meta['torch']} | triton "
-              f"{meta['triton']} | commit {meta['commit']} | "
-              f"{meta['timestamp']}\n\n" + summary_markdown(rows) +
-              '\n\n### per kernel\n\n' +
-              common.markdown_table(rows, COLUMNS) + '\n')
-        with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
-            f.write(md)
+        print(write_markdown(args.out))
     return 0
 
 

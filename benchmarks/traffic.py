@@ -1,4 +1,5 @@
-"""Memory-traffic counters that run without a GPU (model, not a GPU measurement).
+"""Memory-traffic counters that run without a GPU (a model, not a GPU
+measurement).
 
 Two counters, reused by the ``traffic`` suite (:mod:`benchmarks.bench_traffic`)
 and the traffic gates (``tests/test_traffic_gates.py``):
@@ -420,10 +421,15 @@ def sample_programs(names_prefix: Optional[str] = None, k: int = 4,
 _WRITE_ONLY = {'copy_', 'fill_', 'zero_', 'normal_', 'uniform_',
                'bernoulli_', 'random_', 'exponential_', 'set_',
                'resize_', 'resize_as_'}
+# allocations, metadata-only ops and views whose schema does not say so
+# (``_unsafe_view``) or that change a tensor's own metadata in place
 _FREE = {'empty', 'empty_like', 'empty_strided', 'new_empty',
          'new_empty_strided', 'detach', 'alias', 'lift_fresh',
          '_local_scalar_dense', 'sym_size', 'sym_stride', 'sym_numel',
-         'sym_storage_offset', 'device', 'is_same_size', 'set_'}
+         'sym_storage_offset', 'device', 'is_same_size', 'set_',
+         '_unsafe_view', '_reshape_alias', 'squeeze_', 'unsqueeze_', 't_',
+         'transpose_', 'as_strided_', 'detach_', 'resize_', 'swapdims_',
+         'swapaxes_'}
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

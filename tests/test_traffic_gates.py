@@ -271,3 +271,29 @@ def test_depthwise_kernels_read_tile_and_halo_once(stage):
                 failures.append(msg)
     print('\n'.join(report))
     assert not failures, 'depthwise reuse gate:\n' + '\n'.join(failures)
+
+
+def test_traffic_rows_linear_in_height():
+    """The suite extrapolates each kernel's bytes from two heights to the
+    full height (linear in H at fixed W); check the fit on a third height,
+    and that the rows carry the columns the performance model reads."""
+    from benchmarks import bench_traffic as B
+    from benchmarks.shapes import BlockShape
+    full = BlockShape('tiny', 2, 40, 16, 32, 1, torch.float32,
+                      torch.bfloat16)
+    runs = {h: B.fast_rows(full, h, full.W, 'fast') for h in (8, 12, 16)}
+    fit = B.fit_rows(runs[8] + runs[16], full.scaled(12, full.W))
+    need = {'suite', 'shape', 'H', 'W', 'provider', 'phase', 'kind',
+            'kernel', 'calls', 'l1_B', 'l2_B', 'hbm_B', 'own_footprint_B',
+            'flops', 'l1_B_per_elem', 'l2_B_per_elem', 'hbm_B_per_elem',
+            'flops_per_elem'}
+    assert all(need <= set(r) for r in runs[8])
+    got = {(r['phase'], r['kernel']): r for r in runs[12]}
+    kinds = set()
+    for f in fit:
+        r = got[(f['phase'], f['kernel'])]
+        kinds.add(f['kind'])
+        for k in ('l1_B', 'l2_B', 'hbm_B', 'flops'):
+            assert f[k] == pytest.approx(r[k], rel=0.02, abs=256), (f, k)
+    assert {'triton', 'aten', 'total'} <= kinds
+    assert any(r['kernel'].startswith('_dwconv') for r in fit)
