@@ -85,18 +85,18 @@ SUMMARY_COLUMNS = ['shape', 'H', 'W', 'basis', 'provider', 'phase',
 # --------------------------------------------------------------------------
 @contextmanager
 def gpu_tile_configs():
-    """The host functions choose tiles as on a GPU (they read
-    ``TRITON_INTERPRET`` when they choose); kernels still run interpreted
-    (the recorder sets it back to 1 around each launch)."""
-    old = os.environ.get('TRITON_INTERPRET')
-    os.environ['TRITON_INTERPRET'] = '0'
+    """The host functions choose tiles as on a GPU (the package's one switch,
+    ``CONVNEXTV2_FAST_GPU_CONFIG=1``, read by every op's config choice);
+    kernels still run interpreted."""
+    old = os.environ.get('CONVNEXTV2_FAST_GPU_CONFIG')
+    os.environ['CONVNEXTV2_FAST_GPU_CONFIG'] = '1'
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop('TRITON_INTERPRET', None)
+            os.environ.pop('CONVNEXTV2_FAST_GPU_CONFIG', None)
         else:
-            os.environ['TRITON_INTERPRET'] = old
+            os.environ['CONVNEXTV2_FAST_GPU_CONFIG'] = old
 
 
 def kernels_interpreted() -> bool:
@@ -241,11 +241,34 @@ def _with_totals(rows, E):
     return [_per_elem(r, E) for r in out]
 
 
-def default_l1_share(launch) -> int:
-    """Per-kernel L1 share; :data:`benchmarks.traffic.DEFAULT_PROGRAMS_PER_SM`
-    programs per SM and no shared memory until the static suite provides the
-    occupancy per kernel."""
-    return T.l1_share_bytes()
+_OCCUPANCY = {}  # (shape, kernel, programs) -> (programs_per_sm, smem_B)
+
+
+def use_static_occupancy(static_rows) -> int:
+    """Take each kernel's programs per SM and shared memory from the static
+    suite's rows (what the sm_90 compile of the same launch gives); returns
+    how many launches it knows."""
+    for r in static_rows:
+        if r.get('programs_per_sm') and r.get('programs'):
+            _OCCUPANCY[(r['shape'], r['kernel'], int(r['programs']))] = (
+                int(r['programs_per_sm']), int(r.get('smem_B') or 0))
+    return len(_OCCUPANCY)
+
+
+def static_occupancy(launch, shape: str):
+    """(programs_per_sm, smem_B) of ``launch`` at the stage ``shape`` (a
+    BlockShape name) from the static rows given to
+    :func:`use_static_occupancy`, or None."""
+    return _OCCUPANCY.get((shape, launch.name, launch.n_programs))
+
+
+def default_l1_share(launch, shape: str = None) -> int:
+    """Per-kernel L1 share: from the static suite's occupancy of the same
+    launch when known (:func:`use_static_occupancy`), else
+    :data:`benchmarks.traffic.DEFAULT_PROGRAMS_PER_SM` programs per SM and
+    no shared memory."""
+    occ = static_occupancy(launch, shape) if shape else None
+    return T.l1_share_bytes(*occ) if occ else T.l1_share_bytes()
 
 
 def _base(full, H, W, provider, phase, basis, note=''):

@@ -39,10 +39,14 @@ def _commit() -> str:
         return 'unknown'
 
 
-# What CPU-suite rows (static, traffic, memory, model) are a function of:
-# the kernels and host code, the extension sources, the instruments
-# themselves -- not the results files, the README or the tests.
-_SOURCE_GLOBS = ('convnextv2_fast/**/*.py', 'csrc/**/*', 'benchmarks/*.py')
+# What the static and traffic rows (the model's inputs) are a function of:
+# the fused ops' kernels and host code, the extension sources, the shapes
+# and the instruments -- not the models, the tuner, the results files, the
+# README or the tests.
+_SOURCE_GLOBS = ('convnextv2_fast/ops/*.py', 'csrc/**/*',
+                 'benchmarks/shapes.py', 'benchmarks/sm90.py',
+                 'benchmarks/traffic.py', 'benchmarks/bench_static.py',
+                 'benchmarks/bench_traffic.py')
 
 
 def source_digest(root: str = os.path.dirname(RESULTS_DIR) + '/..') -> str:

@@ -19,7 +19,7 @@ do not depend on where the CPU allocator put the tensors.  Per launch
 * ``l2_B``: bytes that miss a simulated per-program LRU cache of 128-byte lines
   with capacity ``l1_share_bytes`` (the L1 share each resident program gets,
   :func:`l1_share_bytes`), loads filling whole lines, stores written through
-  (every stored line counts) -- the L2 view, which exposes a tile re-read once
+  (every store counts, by the 32-byte sectors it touches) -- the L2 view, which exposes a tile re-read once
   per tap at a long reuse distance;
 * ``hbm_B``: the launch's global unique footprint, distinct 128-byte lines
   over all programs, loads and stores (the HBM lower bound);
@@ -64,6 +64,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 LINE = 128  # bytes per cache line
+SECTOR = 32  # bytes per sector: the unit a write-through store moves to L2
 ALLOC_ALIGN = 512  # CUDA caching allocator alignment (virtual addresses)
 
 # H100 SXM: 256 KB combined L1 / shared memory per SM.
@@ -92,6 +93,12 @@ class Access:
     kind: str  # 'load' | 'store' | 'atomic'
     lines: np.ndarray  # distinct 128-B line numbers (virtual), sorted int64
     nbytes: int  # bytes requested (active lanes x element size)
+    sectors: Optional[int] = None  # distinct 32-B sectors (None: 4 per line)
+
+    @property
+    def n_sectors(self) -> int:
+        return self.lines.size * (LINE // SECTOR) if self.sectors is None \
+            else self.sectors
 
 
 @dataclass
@@ -127,7 +134,12 @@ class Launch:
         glob = []
         for prog in self.programs:
             l1 += sum(a.nbytes for a in prog.accesses)
-            l2 += lru_traffic_lines(prog.accesses, cap) * LINE
+            # load misses fill whole lines; stores (and atomics) write
+            # through only the sectors they touch
+            l2 += lru_traffic_lines(prog.accesses, cap,
+                                    count_stores=False) * LINE
+            l2 += SECTOR * sum(a.n_sectors for a in prog.accesses
+                               if a.kind != 'load')
             if prog.accesses:
                 u = np.unique(np.concatenate([a.lines for a in prog.accesses]))
                 own += u.size * LINE
@@ -138,9 +150,12 @@ class Launch:
                     programs_run=len(self.programs))
 
 
-def lru_traffic_lines(accesses: Sequence[Access], capacity_lines: int) -> int:
+def lru_traffic_lines(accesses: Sequence[Access], capacity_lines: int,
+                      count_stores: bool = True) -> int:
     """Lines moved between a program's LRU cache of ``capacity_lines`` lines
-    and L2: load misses (line fills) plus every stored line (write-through).
+    and L2: load misses (line fills) plus, with ``count_stores``, every
+    stored line (write-through; :meth:`Launch.stats` counts stores by sector
+    instead).
 
     Vectorised per instruction: ``last[line]`` holds the (unique, increasing)
     time of each line's last use; the cache holds the ``capacity_lines`` lines
@@ -165,7 +180,7 @@ def lru_traffic_lines(accesses: Sequence[Access], capacity_lines: int) -> int:
             continue
         prev = last[ids]
         if a.kind == 'store':
-            moved += m
+            moved += m if count_stores else 0
         else:
             if live <= k:
                 hit = prev >= 0
@@ -173,7 +188,7 @@ def lru_traffic_lines(accesses: Sequence[Access], capacity_lines: int) -> int:
                 thr = np.partition(last, n - k)[n - k]
                 hit = prev >= thr
             moved += int(m - np.count_nonzero(hit))
-            if a.kind == 'atomic':
+            if a.kind == 'atomic' and count_stores:
                 moved += m
         live += int(np.count_nonzero(prev < 0))
         last[ids] = t + np.arange(m, dtype=np.int64)
@@ -279,20 +294,12 @@ class TritonTraffic:
             program.__annotations__ = getattr(fn, '__annotations__', {})
             program._traffic_fn = fn
             ge.fn = program
-            # kernels run interpreted even when the host functions chose
-            # their tiles as on a GPU (TRITON_INTERPRET=0 around them)
-            env = os.environ.get('TRITON_INTERPRET')
-            os.environ['TRITON_INTERPRET'] = '1'
             try:
                 from torch.utils._python_dispatch import \
                     _disable_current_modes
                 with _disable_current_modes():
                     return orig_call(ge, *args, **kwargs)
             finally:
-                if env is None:
-                    os.environ.pop('TRITON_INTERPRET', None)
-                else:
-                    os.environ['TRITON_INTERPRET'] = env
                 ge.fn = fn
                 rec._launch = rec._prog = None
                 rec.launches.append(launch)
@@ -385,7 +392,11 @@ class TritonTraffic:
                                'tensor argument of the launch')
         vaddr = addr - L._starts[idx] + L._vbases[idx]
         lines = np.unique((vaddr // LINE).astype(np.int64))
-        P.accesses.append(Access(kind, lines, int(addr.size) * esize))
+        # sectors touched: first and last byte of each element
+        sec = np.unique(np.concatenate([vaddr // SECTOR,
+                                        (vaddr + esize - 1) // SECTOR]))
+        P.accesses.append(Access(kind, lines, int(addr.size) * esize,
+                                 int(sec.size)))
 
     # -- results --------------------------------------------------------------
     def stats(self, l1_share: Optional[Callable] = None) -> List[dict]:

@@ -253,17 +253,35 @@ def _depthwise_launches(stage):
     return _STAGE_RUNS[stage.name]
 
 
+@pytest.fixture(scope='module')
+def static_occupancy():
+    """Programs per SM of every launch, from the sm_90 compile of the same
+    launches (the static suite; its cache is warm after
+    tests/test_static_gates.py): the L1 share of each program."""
+    from benchmarks import bench_static, bench_traffic, sm90
+    if not sm90.have_ptxas():
+        pytest.skip('Triton has no ptxas here: no occupancy for the L1 share')
+    rows = bench_static.run_suite(False, None, ['fast'])
+    assert bench_traffic.use_static_occupancy(rows) > 0
+    return bench_traffic
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('stage', MASKRCNN_V2B, ids=lambda s: s.name)
-def test_depthwise_kernels_read_tile_and_halo_once(stage):
+def test_depthwise_kernels_read_tile_and_halo_once(stage, static_occupancy):
     launches = _depthwise_launches(stage)
     assert launches['fwd'], 'no depthwise launch in the forward'
-    assert len(launches['bwd']) >= 2, 'expected LN-backward/dgrad/wgrad'
+    names = {L.name for ls in launches.values() for L in ls}
+    assert {'_dwconv_ln_fwd_kernel', '_dwconv_ln_bwd_kernel',
+            '_dwconv_dgrad_kernel', '_dwconv_wgrad_kernel'} <= names, names
     failures, report = [], []
     for phase, ls in launches.items():
         for L in ls:
-            s = L.stats(T.l1_share_bytes())
+            occ = static_occupancy.static_occupancy(L, stage.name)
+            assert occ is not None, f'{L.name}: no static occupancy'
+            s = L.stats(static_occupancy.default_l1_share(L, stage.name))
             report.append(f"{phase} {s['kernel']}: l2 {s['l2_B']} own "
-                          f"{s['own_footprint_B']}")
+                          f"{s['own_footprint_B']} ({occ[0]} programs/SM)")
             msg = T.reuse_gate_failure(
                 s, where=f'stage {stage.name} (C={stage.C}, '
                 f'{stage.H}x{stage.W}, {phase})')
@@ -297,3 +315,14 @@ def test_traffic_rows_linear_in_height():
             assert f[k] == pytest.approx(r[k], rel=0.02, abs=256), (f, k)
     assert {'triton', 'aten', 'total'} <= kinds
     assert any(r['kernel'].startswith('_dwconv') for r in fit)
+
+
+def test_stores_write_through_by_sector():
+    """A store of half a line moves 64 B to L2 (two 32-B sectors), not the
+    whole line; a load miss fills the whole 128-B line."""
+    half_store = T.Access('store', np.array([0], np.int64), 64, 2)
+    load = T.Access('load', np.array([1], np.int64), 4)
+    L = T.Launch('k', programs=[T.Program((0, 0, 0), [half_store, load])])
+    st = L.stats(l1_share=T.LINE * 8)
+    assert st['l2_B'] == 64 + 128
+    assert st['l1_B'] == 68

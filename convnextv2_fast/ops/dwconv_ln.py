@@ -205,9 +205,11 @@ def _dwconv_ln_fwd_kernel(
         m2 += tl.sum(d * d, axis=1) + delta * delta * (seen * nb / tot)
     rstd = tl.rsqrt(m2 / C + eps)
     tl.debug_barrier()
-    # pass 2: normalise this program's own y in place
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
+    # pass 2: normalise this program's own y in place, newest channel block
+    # first (its y and the blocks before it are still in L1: LRU order)
+    c_last = ((C - 1) // BC) * BC
+    for i in range(0, C, BC):
+        c = (c_last - i) + tl.arange(0, BC)
         cmask = c < C
         m2d = pmask[:, None] & cmask[None, :]
         ptr = Z + pix[:, None] * C + c[None, :]
@@ -266,8 +268,9 @@ def _dwconv_ln_bwd_kernel(
     # pass 2: dy from the parked y; per-tile partial sums of the
     # per-channel grads (fixed order: deterministic)
     base = PART + t * 3 * C
-    for c0 in range(0, C, BC):
-        c = c0 + tl.arange(0, BC)
+    c_last = ((C - 1) // BC) * BC
+    for i in range(0, C, BC):  # newest channel block first (see the fwd)
+        c = (c_last - i) + tl.arange(0, BC)
         cmask = c < C
         m2d = pmask[:, None] & cmask[None, :]
         ptr = DY + pix[:, None] * C + c[None, :]
