@@ -49,6 +49,7 @@ in all three views (library kernels are opaque); Triton rows have flops 0
 Usage: ``python -m benchmarks --suites traffic`` or
 ``python benchmarks/bench_traffic.py [--smoke] [--out PATH]``.
 """
+import functools
 import os
 import sys
 from contextlib import contextmanager
@@ -250,8 +251,10 @@ def use_static_occupancy(static_rows) -> int:
     how many launches it knows."""
     for r in static_rows:
         if r.get('programs_per_sm') and r.get('programs'):
-            _OCCUPANCY[(r['shape'], r['kernel'], int(r['programs']))] = (
-                int(r['programs_per_sm']), int(r.get('smem_B') or 0))
+            occ = (int(r['programs_per_sm']), int(r.get('smem_B') or 0))
+            _OCCUPANCY[(r['shape'], r['kernel'], int(r['programs']))] = occ
+            # runs at a reduced size launch fewer programs of the same config
+            _OCCUPANCY.setdefault((r['shape'], r['kernel'], None), occ)
     return len(_OCCUPANCY)
 
 
@@ -259,7 +262,8 @@ def static_occupancy(launch, shape: str):
     """(programs_per_sm, smem_B) of ``launch`` at the stage ``shape`` (a
     BlockShape name) from the static rows given to
     :func:`use_static_occupancy`, or None."""
-    return _OCCUPANCY.get((shape, launch.name, launch.n_programs))
+    return _OCCUPANCY.get((shape, launch.name, launch.n_programs),
+                          _OCCUPANCY.get((shape, launch.name, None)))
 
 
 def default_l1_share(launch, shape: str = None) -> int:
@@ -362,13 +366,16 @@ def fit_rows(rows, full: BlockShape):
 
 def fast_provider_rows(full: BlockShape, provider: str, sizes=SIZES,
                        sampled=True):
+    # each program's L1 share: the occupancy of the kernel at this stage
+    # (static suite rows, see use_static_occupancy)
+    share = functools.partial(default_l1_share, shape=full.name)
     rows = []
     for h, w in sizes:
         rows += fast_rows(full, min(h, full.H), min(w or full.W, full.W),
-                          provider)
+                          provider, l1_share=share)
     rows += fit_rows(rows, full)
     if sampled:
-        rows += sampled_dw_rows(full, provider)
+        rows += sampled_dw_rows(full, provider, l1_share=share)
     return rows
 
 
@@ -398,7 +405,19 @@ def run_suite(smoke: bool, device, providers, progress=None, stages=None):
         return run_rows(MASKRCNN_V2B[:1], SMOKE_SIZES, provs, sampled=False,
                         progress=progress)
     todo = [s for s in MASKRCNN_V2B if not stages or s.name in stages]
+    _load_static_occupancy()
     return run_rows(todo, SIZES, provs, progress=progress)
+
+
+def _load_static_occupancy():
+    """Occupancy per (stage, kernel) from the static suite (stored rows of
+    the same sources, else a run: warm, ~1 min); without ptxas the default
+    L1 share stays (said in the rows' note via MODEL_NOTE)."""
+    from benchmarks import bench_model, sm90
+    if not sm90.have_ptxas():
+        return
+    rows, _ = bench_model.input_rows('static', False, None, ['fast'])
+    use_static_occupancy(rows)
 
 
 def _run_in_subprocess(smoke, providers):
