@@ -8,6 +8,7 @@ import torch
 import triton
 
 from .._errors import ArgumentError
+from . import _triton_compat  # noqa: F401  (fixes triton 3.6's interpreter on import)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
