@@ -71,19 +71,28 @@ def main(argv=None):
     print(f"device: {meta['device']}  torch {meta['torch']}  triton "
           f"{meta['triton']}  smoke={smoke}")
     all_rows, tables = [], []
+    path = args.out or common.results_path(device)
+    # results survive a timeout: the JSON (earlier runs + this one) and the
+    # markdown are rewritten after every row and every suite
+    save = common.PartialResults(path, meta)
     for name in suites:
         module = importlib.import_module(SUITES[name])
         bar = tqdm(desc=name, unit='case') if tqdm else None
-        rows = module.run_suite(smoke, device, providers,
-                                progress=(lambda r: bar.update(1))
-                                if bar is not None else None)
+        done = []
+
+        def row_done(r, name=name, module=module, done=done, bar=bar):
+            done.append(r)
+            save(all_rows + done, tables + [common.suite_table(
+                name, done, module.COLUMNS) + ' (partial)'])
+            if bar is not None:
+                bar.update(1)
+
+        rows = module.run_suite(smoke, device, providers, progress=row_done)
         if bar is not None:
             bar.close()
         all_rows += rows
-        tables.append(f'### {name}\n\n' +
-                      common.markdown_table(rows, module.COLUMNS))
-    path = args.out or common.results_path(device)
-    common.append_results(path, meta, all_rows)
+        tables.append(common.suite_table(name, rows, module.COLUMNS))
+        save(all_rows, tables)
     header = (f"Device: {meta['device']} | torch {meta['torch']} | triton "
               f"{meta['triton']} | commit {meta['commit']} | "
               f"{meta['timestamp']}")
