@@ -48,12 +48,14 @@ def test_report_counts_hits_and_misses(tmp_path, capsys):
         specialisations=[dict(kernel='a', hash='h1'),
                          dict(kernel='b', hash='h2')])))
     log = tmp_path / 'lookups'
-    log.write_text('hit h1 a\nhit h1 a\nmiss h3 c\nmiss h4 d\nhit h4 d\n')
+    log.write_text('hit h1 a\nhit h1 a\nmiss h3 c\nmiss h4 d\nhit h4 d\n'
+                   'miss h5 triton_poi_fused_add_0\n')  # inductor's
     # h4 missed in one worker, then hit (another worker compiled it): a hit
     assert wtc.report(str(tmp_path), str(log), str(tmp_path / 'r.txt')) == 1
     text = (tmp_path / 'r.txt').read_text()
     assert '2 hits, 1 misses' in text and 'MISS c h3' in text
     assert '1 warmed but not looked up' in text
+    assert '1 torch.compile kernels' in text
 
 
 def test_logging_cache_manager(tmp_path, monkeypatch):
