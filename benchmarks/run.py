@@ -1,10 +1,13 @@
 """One entry point for the benchmark suite: ``python -m benchmarks``.
 
 Picks what the machine can run: full-size suites on a CUDA GPU; on a machine
-without one, the ``--smoke`` configuration (tiny models on the CPU, the fused
-Triton kernels in the Triton interpreter), which is what the README's main
-command and CI run.  Writes ``benchmarks/results/<device>-<date>.json``
-(appending), a markdown table ``.md`` beside it, and PNG plots.
+without one, the timed suites run their ``--smoke`` configuration (tiny
+models on the CPU, the fused Triton kernels in the Triton interpreter), which
+is what the README's main command and CI run.  The CPU suites
+(:data:`CPU_SUITES`: static, traffic, memory, model) need no GPU and run at
+full fidelity anywhere (``--smoke`` still selects their reduced set).
+Writes ``benchmarks/results/<device>-<date>.json`` (appending), a markdown
+table ``.md`` beside it, and PNG plots.
 """
 import argparse
 import importlib
@@ -18,7 +21,14 @@ SUITES = {
     'backbone': 'benchmarks.bench_backbone',
     'maskrcnn': 'benchmarks.bench_maskrcnn',
     'fcmae': 'benchmarks.bench_fcmae',
+    'static': 'benchmarks.bench_static',
+    'traffic': 'benchmarks.bench_traffic',
 }
+
+# Suites computed on the CPU (compiler output, interpreter counts, fake
+# tensors, a model): same results with or without a GPU, never forced to
+# --smoke.  A suite listed here need not be registered yet.
+CPU_SUITES = ('static', 'traffic', 'memory', 'model')
 
 
 def parse_args(argv=None):
@@ -50,17 +60,23 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     cuda = torch.cuda.is_available()
-    smoke = args.smoke or not cuda
-    if not cuda and not args.smoke:
-        print('No CUDA device: full-size benchmarks need a GPU; running the '
-              '--smoke configuration instead.')
-    if smoke and not cuda:
+    suites = args.suites or list(SUITES)
+    gpu_suites = [s for s in suites if s not in CPU_SUITES]
+    smoke = args.smoke or (not cuda and bool(gpu_suites))
+    if not cuda and not args.smoke and gpu_suites:
+        print(f'No CUDA device: full-size {gpu_suites} need a GPU; running '
+              'their --smoke configuration instead (CPU suites '
+              f'{[s for s in suites if s in CPU_SUITES]} run in full).')
+    if smoke and not cuda and gpu_suites:
         # exercise the fused kernels on the CPU through the Triton interpreter
+        # (CPU suites that compile for sm_90 re-run themselves without it)
         os.environ.setdefault('TRITON_INTERPRET', '1')
     device = torch.device('cuda' if cuda else 'cpu')
     providers = args.providers or (['reference', 'fast'] if smoke else list(
         common.PROVIDERS))
-    suites = args.suites or list(SUITES)
+
+    def suite_smoke(name):
+        return args.smoke or (smoke and name not in CPU_SUITES)
 
     try:
         from tqdm import tqdm
@@ -87,19 +103,31 @@ def main(argv=None):
             if bar is not None:
                 bar.update(1)
 
-        rows = module.run_suite(smoke, device, providers, progress=row_done)
+        rows = module.run_suite(suite_smoke(name), device, providers,
+                                progress=row_done)
         if bar is not None:
             bar.close()
         all_rows += rows
-        tables.append(common.suite_table(name, rows, module.COLUMNS))
+        table = common.suite_table(name, rows, module.COLUMNS)
+        if hasattr(module, 'summary_markdown'):
+            table = (f'### {name}\n\n' + module.summary_markdown(rows) +
+                     '\n\n' + table[len(f'### {name}') + 2:])
+        tables.append(table)
         save(all_rows, tables)
     header = (f"Device: {meta['device']} | torch {meta['torch']} | triton "
               f"{meta['triton']} | commit {meta['commit']} | "
               f"{meta['timestamp']}")
-    if smoke:
-        header += ('\n\nSMOKE run: tiny shapes; a code-path and parity check, '
-                   'not a performance measurement (on a CPU the fused '
-                   'kernels run in the Triton interpreter).')
+    smoked = [n for n in suites if suite_smoke(n) and n not in CPU_SUITES]
+    if smoked:
+        header += (f'\n\nSMOKE run of {smoked}: tiny shapes; a code-path and '
+                   'parity check, not a performance measurement (on a CPU '
+                   'the fused kernels run in the Triton interpreter).')
+    cpu_run = [n for n in suites if n in CPU_SUITES]
+    if cpu_run:
+        header += (f'\n\nCPU suites {cpu_run}'
+                   f"{' (reduced --smoke set)' if args.smoke else ''}: "
+                   'compiler output, counts and models, not GPU '
+                   'measurements.')
     md = header + '\n\n' + '\n\n'.join(tables) + '\n'
     md_path = os.path.splitext(path)[0] + '.md'
     with open(md_path, 'w') as f:

@@ -8,7 +8,7 @@ from ._registry import REGISTRATION, register_modules
 from .impl import VALID_IMPLS
 from .models import GRN, ConvNeXtV2Block, ConvNeXtV2Fast, LayerNorm2d
 
-__version__ = '0.1.0'
+from .version import __version__
 
 register_modules([ConvNeXtV2Fast])
 from . import _fcmae_registry  # noqa: E402,F401  (FCMAE -> mmpretrain MODELS; never raises)

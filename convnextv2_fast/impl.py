@@ -1,7 +1,9 @@
 """Which implementation of the block runs: ``reference`` (pure PyTorch) or ``triton``.
 
-``impl='auto'`` picks the fused Triton path for CUDA tensors when Triton and the
-fused ops are importable, the reference path otherwise.  ``impl='triton'``
+``impl='auto'`` considers the fused Triton path for CUDA tensors when Triton
+and the fused ops are importable, the reference path otherwise; the block then
+keeps whichever of the two it measured faster for its shape
+(:mod:`convnextv2_fast.autotune`).  ``impl='triton'``
 forces the fused path (CPU tensors only under ``TRITON_INTERPRET=1``).  The
 environment variable ``CONVNEXTV2_FAST_IMPL`` overrides the constructor
 argument for every model in the process.
@@ -106,6 +108,7 @@ def auto_choice_description() -> str:
     else:
         head = ''
     if fused_ok:
-        return head + ("auto -> 'triton' for CUDA tensors, 'reference' for CPU "
-                       'tensors')
+        return head + ("auto -> per block shape on CUDA, the faster of 'triton' "
+                       "and 'reference' (timed once, cached; see tuning "
+                       "below); 'reference' for CPU tensors")
     return head + f"auto -> 'reference' everywhere ({why})"

@@ -16,7 +16,7 @@ def collect() -> dict:
     import torch
 
     import convnextv2_fast
-    from convnextv2_fast import _ext, impl
+    from convnextv2_fast import _ext, autotune, impl
 
     info = {
         'python': platform.python_version(),
@@ -34,9 +34,12 @@ def collect() -> dict:
         info['GPU'] = 'none (torch.cuda.is_available() is False)'
     loaded, why = _ext.extension_status()
     info['compiled extension'] = why
+    if _ext.build_stamp() is not None or _ext._STATE['path']:
+        info['compiled extension build'] = _ext.describe_build(_ext.build_stamp())
     ok, why = impl.fused_status()
     info['fused Triton ops'] = why
     info["impl='auto' picks"] = impl.auto_choice_description()
+    info["impl='auto' tuning"] = autotune.describe()
     info['TRITON_INTERPRET'] = '1' if impl.is_interpreter() else '0'
     for package, state in sorted(convnextv2_fast.REGISTRATION.items()):
         info[f'{package} registry'] = state

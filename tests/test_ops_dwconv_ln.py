@@ -1,14 +1,24 @@
-"""dwconv 7x7 + LayerNorm Triton op vs ops.reference (interpreter on CPU)."""
+"""dwconv 7x7 + LayerNorm Triton op vs ops.reference (interpreter on CPU).
+
+Shapes cover: N >= 2, H != W, C not a power of two and larger than one
+channel block (BC=32 in both the interpreter's and the GPU's configs), images
+smaller than a tile, partial tiles at each sample's edge.  Outputs come from
+NaN-poisoned ``torch.empty`` (``check_parity``), so an unwritten element fails.
+"""
 import pytest
 import torch
 
 from convnextv2_fast._errors import ArgumentError
-from convnextv2_fast.ops.dwconv_ln import dwconv_ln, dwconv_ln_forward
+from convnextv2_fast.ops import dwconv_ln as dmod
+from convnextv2_fast.ops.dwconv_ln import (dwconv_ln, dwconv_ln_backward,
+                                           dwconv_ln_forward, launch_config)
 from convnextv2_fast.ops.reference import dwconv7x7_ln_ref
 
 from _fused_testutil import check_parity
 
-SHAPES = [(2, 8, 5, 11), (2, 24, 9, 13), (2, 40, 16, 7)]
+NAMES = ['z', 'dx', 'd_dw_weight', 'd_dw_bias', 'd_ln_weight', 'd_ln_bias']
+# (N, C, H, W): sub-tile image; C > BC with H*W not a tile multiple; C < BC
+SHAPES = [(2, 8, 5, 11), (2, 40, 9, 13), (3, 24, 10, 7)]
 
 
 def _inputs(N, C, H, W, seed=0):
@@ -25,34 +35,91 @@ def _ref(x, dw_w, dw_b, ln_w, ln_b):
     return dwconv7x7_ln_ref(x.permute(0, 3, 1, 2), dw_w, dw_b, ln_w, ln_b)
 
 
+def _parity(shape, dtype, seed=0):
+    inputs = _inputs(*shape, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad = torch.randn(shape[0], shape[2], shape[3], shape[1], generator=g)
+    check_parity(NAMES, dwconv_ln, _ref, inputs, dtype, grad)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
 @pytest.mark.parametrize('shape', SHAPES)
 def test_dwconv_ln_parity(shape, dtype):
-    inputs = _inputs(*shape)
-    grad = torch.randn(shape[0], shape[2], shape[3], shape[1])
-    check_parity(['z', 'dx', 'd_dw_weight', 'd_dw_bias', 'd_ln_weight',
-                  'd_ln_bias'], dwconv_ln, _ref, inputs, dtype, grad)
+    _parity(shape, dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_dwconv_ln_parity_gpu_config(dtype, monkeypatch):
+    """The exact tiles/grids the GPU launches, on a small case (2-D tiles
+    8x8 / 4x8, several tiles per image, wgrad programs visiting several
+    tiles, two channel blocks)."""
+    monkeypatch.setenv('CONVNEXTV2_FAST_GPU_CONFIG', '1')
+    shape = (2, 40, 11, 17)
+    for k in dmod.KERNELS:
+        assert launch_config(k, *_nhwc(shape)) == launch_config(
+            k, *_nhwc(shape), gpu=True)
+    monkeypatch.setattr(dmod, '_WGRAD_MIN_PROGRAMS', 4)  # G < tiles
+    wg = launch_config('wgrad', *_nhwc(shape))
+    assert 1 < wg.runtime['G'] < wg.runtime['NUM_TILES']
+    _parity(shape, dtype, seed=3)
+
+
+@pytest.mark.interpreter
+def test_dwconv_ln_parity_int64_offsets(monkeypatch):
+    """The int64-offset variant (M*C >= 2**31 on real shapes) forced on."""
+    monkeypatch.setattr(dmod, '_I64_ELEMS', 0)
+    assert launch_config('dgrad', 1, 2, 2, 2).meta['I64']
+    _parity((2, 40, 6, 9), torch.float32, seed=5)
+
+
+def _nhwc(shape):
+    N, C, H, W = shape
+    return N, H, W, C
 
 
 @pytest.mark.interpreter
 def test_dwconv_ln_stats_and_out_dtype():
-    x, dw_w, dw_b, ln_w, ln_b = _inputs(2, 8, 5, 6)
+    x, dw_w, dw_b, ln_w, ln_b = _inputs(2, 40, 5, 6)
     z, mean, rstd = dwconv_ln_forward(x.half(), dw_w, dw_b, ln_w, ln_b,
                                       out_dtype=torch.float32)
     assert z.dtype == torch.float32 and mean.dtype == torch.float32
     y = torch.nn.functional.conv2d(x.half().float().permute(0, 3, 1, 2), dw_w,
-                                   dw_b, padding=3, groups=8)
-    y = y.permute(0, 2, 3, 1).reshape(-1, 8)
+                                   dw_b, padding=3, groups=40)
+    y = y.permute(0, 2, 3, 1).reshape(-1, 40)
     torch.testing.assert_close(mean, y.mean(1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rstd, (y.var(1, unbiased=False) + 1e-6).rsqrt(),
                                rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.interpreter
+def test_dwconv_ln_backward_residual_and_dtypes():
+    """dres is added to dx; dx_dtype honoured; an fp16 dz (compute dtype)
+    with an fp32 x (stage 1 under autocast) matches the fp32 path."""
+    x, dw_w, dw_b, ln_w, ln_b = _inputs(2, 40, 6, 5)
+    z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b,
+                                      out_dtype=torch.float16)
+    dz = torch.randn_like(x).half()
+    dres = torch.randn_like(x)
+    dx, d_w, d_b, d_lnw, d_lnb = dwconv_ln_backward(
+        dz, x, dw_w, dw_b, ln_w, mean, rstd, dres=dres, dx_dtype=torch.float32)
+    assert dx.dtype == torch.float32 and d_w.dtype == torch.float32
+    xr = x.clone().requires_grad_()
+    params = [t.clone().requires_grad_() for t in (dw_w, dw_b, ln_w, ln_b)]
+    _ref(xr, *params).backward(dz.float())
+    ref = [xr.grad + dres] + [p.grad for p in params]
+    for name, got, want in zip(['dx', 'd_w', 'd_b', 'd_lnw', 'd_lnb'],
+                               [dx, d_w, d_b, d_lnw, d_lnb], ref):
+        err = (got - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err <= 2e-2 * scale + 1e-2, (name, err, scale)
+
+
+@pytest.mark.interpreter
 def test_dwconv_ln_weight_grads_deterministic():
-    inputs = [t.requires_grad_() for t in _inputs(2, 8, 9, 7)]
-    g = torch.randn(2, 9, 7, 8)
+    inputs = [t.requires_grad_() for t in _inputs(2, 40, 9, 7)]
+    g = torch.randn(2, 9, 7, 40)
     grads = []
     for _ in range(2):
         for t in inputs:
@@ -61,6 +128,33 @@ def test_dwconv_ln_weight_grads_deterministic():
         grads.append([t.grad.clone() for t in inputs])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+# ---- launch configs at the real V2-B shapes (no kernel runs) -------------
+def _stages():
+    from benchmarks.shapes import MASKRCNN_V2B
+    return MASKRCNN_V2B
+
+
+@pytest.mark.parametrize('stage', range(4))
+def test_launch_config_real_shapes(stage):
+    s = _stages()[stage]
+    N, H, W, C, M = s.N, s.H, s.W, s.C, s.M
+    for k in dmod.KERNELS:
+        cfg = launch_config(k, N, H, W, C, gpu=True)
+        assert cfg.meta['I64'] is False  # M*C < 2**31 at every stage
+        assert cfg.meta['BC'] <= 32 and cfg.num_stages == 1
+    wg = launch_config('wgrad', N, H, W, C, gpu=True)
+    G, n_cb = wg.grid
+    # a few hundred programs; partials small against the activation
+    assert G * n_cb >= 264
+    act_bytes = M * C * s.compute_dtype.itemsize
+    assert G * 49 * C * 4 <= 0.5 * act_bytes, (G, C, act_bytes)
+
+
+def test_launch_config_rejects_unknown_kernel():
+    with pytest.raises(ArgumentError, match='kernel must be one of'):
+        launch_config('nope', 1, 8, 8, 8)
 
 
 def test_dwconv_ln_bad_inputs():
@@ -84,6 +178,4 @@ def test_dwconv_ln_bad_inputs():
 def test_gpu_dwconv_ln_parity(shape, dtype):
     inputs = _inputs(*shape)
     grad = torch.randn(shape[0], shape[2], shape[3], shape[1])
-    check_parity(['z', 'dx', 'd_dw_weight', 'd_dw_bias', 'd_ln_weight',
-                  'd_ln_bias'], dwconv_ln, _ref, inputs, dtype, grad,
-                 device='cuda')
+    check_parity(NAMES, dwconv_ln, _ref, inputs, dtype, grad, device='cuda')

@@ -39,6 +39,24 @@ def test_gelu_grn_pw2_parity(shape, dtype):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_gelu_grn_pw2_parity_gpu_tile_configs(dtype, monkeypatch):
+    """The tile sizes the host picks on a GPU (smaller than the
+    interpreter's): several, partly masked, pixel/channel blocks and W2-fold
+    tiles, at a small shape."""
+    from convnextv2_fast.ops import _common, gelu_grn
+    monkeypatch.setattr(gelu_grn, 'is_interpreter', lambda: False)
+    monkeypatch.setattr(_common, 'is_interpreter', lambda: False)
+    N, HW, C = 2, 117, 24
+    assert gelu_grn._blocks(4 * C) == (64, 64)
+    assert gelu_grn.fold_blocks(C, 4 * C) == (16, 128)
+    inputs = _inputs(N, HW, C)
+    grad = torch.randn(N, HW, C)
+    check_parity(['a', 'dh', 'd_grn_gamma', 'd_grn_beta', 'd_w2', 'd_b2'],
+                 gelu_grn_pw2, gelu_grn_pw2_ref, inputs, dtype, grad)
+
+
+@pytest.mark.interpreter
 def test_gelu_sumsq_matches_torch():
     h = _inputs(2, 35, 8)[0]
     u, S = gelu_sumsq_forward(h)

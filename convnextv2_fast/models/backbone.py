@@ -17,7 +17,7 @@ import torch.nn as nn
 from mmengine.model import BaseModule, ModuleList, Sequential
 
 from .._errors import ArgumentError
-from ..impl import check_impl, resolve_impl
+from ..impl import check_impl
 from .block import ConvNeXtV2Block
 from .layers import build_norm_layer
 
@@ -208,13 +208,16 @@ class ConvNeXtV2Fast(BaseModule):
             raise ArgumentError(
                 f'x has {x.shape[1]} channels but the backbone was built with '
                 f'in_channels={self.in_channels}.')
-        channels_last = resolve_impl(self.impl, x.device) == 'triton'
+        # The residual stream stays channels_last (NHWC in memory) from the
+        # stem to the last stage, for both impls: the fused blocks need it,
+        # the reference blocks' permutes become free views, LayerNorm2d
+        # normalises the NHWC view in place of a copy, and the convs keep the
+        # format.  One copy of the (in_channels-wide) image here, one
+        # NCHW-contiguous copy per output (the contract's output layout).
+        x = x.contiguous(memory_format=torch.channels_last)
         outs = []
         for i, stage in enumerate(self.stages):
             x = self.downsample_layers[i](x)
-            if channels_last:
-                # the fused blocks keep the residual stream NHWC in memory
-                x = x.contiguous(memory_format=torch.channels_last)
             x = stage(x)
             if i in self.out_indices:
                 norm_layer = getattr(self, f'norm{i}')
@@ -222,7 +225,7 @@ class ConvNeXtV2Fast(BaseModule):
                     gap = x.mean([-2, -1], keepdim=True)
                     outs.append(norm_layer(gap).flatten(1))
                 else:
-                    outs.append(norm_layer(x))
+                    outs.append(norm_layer(x).contiguous())
         return tuple(outs)
 
     def _freeze_stages(self):

@@ -14,8 +14,12 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
 
-from ..impl import check_impl, resolve_impl
+from ..impl import check_impl, effective_impl, resolve_impl
 from .layers import DropPath, GRN, build_activation, build_norm_layer
+
+
+# dtypes the fused Triton block computes in (inputs and parameters)
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class ConvNeXtV2Block(nn.Module):
@@ -62,6 +66,7 @@ class ConvNeXtV2Block(nn.Module):
     def fused_supported(self) -> bool:
         """Whether the fused op computes exactly this block's math."""
         return (self.grn is not None
+                and self.depthwise_conv.weight.dtype in FUSED_DTYPES
                 and self.dw_conv_cfg.get('kernel_size') in (7, (7, 7))
                 and self.dw_conv_cfg.get('padding') in (3, (3, 3))
                 and set(self.dw_conv_cfg) <= {'kernel_size', 'padding'}
@@ -74,10 +79,27 @@ class ConvNeXtV2Block(nn.Module):
         return self._inner_forward(x)
 
     def _inner_forward(self, x):
-        if (self.fused_supported()
-                and resolve_impl(self.impl, x.device) == 'triton'):
+        if self._use_fused(x):
             return self._fused_forward(x)
         return self._reference_forward(x)
+
+    def _use_fused(self, x) -> bool:
+        """The path for ``x``: ``resolve_impl``, then for ``impl='auto'`` on
+        CUDA the dtype check (fp64 falls back instead of raising) and the
+        measured choice of :mod:`convnextv2_fast.autotune`."""
+        if not (self.fused_supported()
+                and resolve_impl(self.impl, x.device) == 'triton'):
+            return False
+        if effective_impl(self.impl) != 'auto' or x.device.type != 'cuda':
+            return True  # 'triton' forced (interpreter included): no tuning
+        if x.dtype not in FUSED_DTYPES:
+            return False
+        from .. import autotune
+        from ..ops.fused_block import compute_dtype_for
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        return autotune.choose(self, x, compute_dtype_for(x),
+                               training) == 'triton'
 
     def _fused_forward(self, x):
         from ..ops.fused_block import fused_block_module_forward

@@ -18,7 +18,14 @@ _LN2D_TYPES = ('LN2d', 'LayerNorm2d')
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel dim of NCHW (or, channel_last, NHWC) maps."""
+    """LayerNorm over the channel dim of NCHW (or, channel_last, NHWC) maps.
+
+    ``channel_first`` on a ``channels_last``-strided NCHW tensor normalises
+    its NHWC view (contiguous: no copy) and returns a ``channels_last``
+    tensor; on any other NCHW tensor it returns an NCHW-contiguous one, as
+    mmpretrain's ``LayerNorm2d`` does.  Values are the same either way (the
+    same ``layer_norm`` over the same contiguous rows).
+    """
 
     def __init__(self, num_channels: int, **kwargs) -> None:
         super().__init__(num_channels, **kwargs)
@@ -34,9 +41,11 @@ class LayerNorm2d(nn.LayerNorm):
                                             self.weight, self.bias, self.eps)
         if data_format == 'channel_first':
             x = x.permute(0, 2, 3, 1)
+            nhwc = x.is_contiguous()  # channels_last memory: a free view
             x = nn.functional.layer_norm(x, self.normalized_shape, self.weight,
                                          self.bias, self.eps)
-            return x.permute(0, 3, 1, 2).contiguous()
+            x = x.permute(0, 3, 1, 2)
+            return x if nhwc else x.contiguous()
         raise ArgumentError(
             "data_format must be 'channel_first' or 'channel_last', got "
             f'{data_format!r}.')

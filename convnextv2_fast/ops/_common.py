@@ -17,6 +17,14 @@ def is_interpreter() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
+def use_gpu_config() -> bool:
+    """Whether launch-config functions pick the GPU's tiles: always on a GPU;
+    under the interpreter only with ``CONVNEXTV2_FAST_GPU_CONFIG=1`` (tests
+    run the exact GPU configuration on small cases this way)."""
+    return (not is_interpreter()
+            or os.environ.get('CONVNEXTV2_FAST_GPU_CONFIG', '0') == '1')
+
+
 def check_tensor(t, name, ndim=None, dtypes=SUPPORTED_DTYPES, contiguous=True,
                  shape=None):
     """Validate ``t``; raise TypeError / ArgumentError naming ``name``."""

@@ -6,75 +6,139 @@ format is exactly that, without a copy).  The output is the normalised
 activation ``z`` as (N, H, W, C) contiguous, plus fp32 per-pixel ``mean`` and
 ``rstd`` of the conv output (shape (N*H*W,)).
 
-Forward: one program = BLOCK_P pixels x all C channels; 49 masked taps are
-accumulated in fp32, then mean/var over C, normalise, affine, one cast at the
-store.
+Kernels (all tiles are 2-D spatial tiles TH x TW of one sample x a block of
+BC channels; :func:`launch_config` is the single place that picks tiles,
+warps, stages and grids, for the host functions and for static checks):
 
-Backward (no atomics, deterministic):
-1. ``_dwconv_ln_bwd_kernel`` recomputes the conv output of its tile (so it is
-   never stored), applies the LN backward and writes ``dy`` (fp32, grad of the
-   conv output) plus per-program fp32 partial sums for the LN weight, LN bias
-   and conv bias grads.
-2. ``_dwconv_dgrad_kernel``: input grad = the same 7x7 depthwise conv with the
-   flipped kernel applied to ``dy`` (optionally adding a residual grad).
-3. ``_dwconv_wgrad_kernel``: per (tap, c) sum over all pixels of
-   ``dy[p] * x[p + offset]``; each program reduces a contiguous range of pixel
-   tiles into an fp32 partial buffer (G, 49, C); the host sums over G.
+- ``_dwconv_ln_fwd_kernel``: one program = one 8x8 pixel tile, a runtime loop
+  over channel blocks of 32.  Pass 1: conv + bias per block, the result ``y``
+  rounded to z's dtype (as the reference's conv output is) is parked in ``z``
+  and the per-pixel statistics are combined across blocks with Chan's
+  parallel formula (block mean and sum of squared deviations, fp32: no
+  E[y^2] - E[y]^2 cancellation).  Pass 2 normalises the program's own ``y``
+  in place.
+- ``_dwconv_ln_bwd_kernel`` (no atomics): recomputes ``y`` the same way and
+  parks it in ``dy`` (same dtype as dz = z's dtype, so exactly), accumulates
+  the per-pixel LN-backward sums over channel blocks, then writes ``dy`` (in
+  dz's dtype, as the reference's autocast conv backward receives it) and
+  per-tile fp32 partial sums for the LN weight/bias and conv bias grads.
+- ``_dwconv_dgrad_kernel``: dx = the 7x7 conv of dy with the flipped kernel
+  (+ the residual grad), channel blocks on grid axis 1.
+- ``_dwconv_wgrad_kernel``: ONE pass over dy and x: program (g, channel
+  block) visits tiles g, g+G, ...; each dy tile is loaded once and all 49
+  taps are accumulated into 49 fp32 [BC] register accumulators (a contiguity
+  hint of 1 on the channel index gives one channel per thread, so they cost
+  49 registers); the (G, 49, C) fp32 partials are summed by the host in a
+  fixed order (bit-reproducible).
+
+Every convolution (``_conv_block``) runs the 7 kernel rows as a runtime loop
+and the 7 columns unrolled: only one row's loads and addresses are live (the
+old fully unrolled 49 taps spilled 20-24 KB per thread in dgrad), and the 7
+column loads of a row hit the same cache lines.  Offsets are int32; a
+constexpr ``I64`` switches to int64 when M*C >= 2**31.
+
+Why channel blocks rather than full-C tiles for the LN kernels (register and
+byte arithmetic, a model, not a GPU measurement).  A full-C tile keeps the
+[pixels, C] fp32 conv output in registers: at ~32 fp32 values per thread and
+128 threads that is 4096 values, i.e. 4 pixels at C=1024.  A 4-pixel tile
+reads 7 rows x (4+6) halo pixels = 17.5x its own bytes of x, and its 49 x C
+fp32 taps (196 B per channel) are 49 B per output element, ~25x a bf16
+activation element.  With channel blocks the pixel tile does not depend on C:
+8x8 pixels x 32 channels = 2048 fp32 accumulators (16 per thread), halo
+(8+6)^2/64 = 3.06x, taps 196/64 = 3.06 B per element.  The price: ``y``
+makes one round trip through z (fwd) or dy (LN bwd) in the compute dtype (a
+store and a re-load of the program's own tile, L2-resident), and the LN
+backward reads dz twice.
+
+Byte model per block element (model, not a GPU measurement; s_x = x's bytes,
+4 at stage 1 / 2 later; s_c = compute dtype bytes, 2; "L2->SM" is the bytes a
+program requests from L2 after its own L1 reuse, i.e. its unique footprint):
+
+=========  ===================================  ===============================
+kernel     HBM (halo, taps, re-reads hit L2)    L2->SM (re-read factor of x/dy)
+=========  ===================================  ===============================
+fwd        s_x + s_c + 8/C                       3.06 s_x + 3.06 + s_c (3.06x)
+ln_bwd     s_x + 2 s_c + 8/C                     3.06 s_x + 3.06 + 3 s_c (3.06x)
+dgrad      s_c + 2 s_x (dy, dres, dx)            3.06 s_c + 3.06 + s_x (3.06x)
+wgrad      s_c + s_x + 196 G / M                 s_c + 4.4 s_x + 6.1 (4x8 tile)
+=========  ===================================  ===============================
+
+sm_90 resources (ptxas for sm_90a, launch configs of the V2-B Mask R-CNN
+stages, N=2, 1024^2; x fp32 at stage 1, bf16 after; z/dz/dy bf16): fwd 80
+registers, ln_bwd 62-64, dgrad 53-80, wgrad 203-211; zero spills at every
+stage.  Occupancy on H100 (65536 regs, 64 warps/SM): fwd 37.5%, ln_bwd
+50%, dgrad 37.5-50%, wgrad 12.5% (49 accumulators plus the unrolled loads
+of 49 taps in flight).
 """
+from dataclasses import dataclass, replace
+from typing import Dict, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .._errors import ArgumentError
-from ._common import check_same_device, check_tensor, next_pow2, pixel_block
+from ._common import (check_same_device, check_tensor, next_pow2,
+                      use_gpu_config)
 from .reference import LN_EPS
 
 
 @triton.jit
-def _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, FLIP: tl.constexpr,
-                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """fp32 [BLOCK_P, BLOCK_C] depthwise 7x7 conv (no bias) of pixel tile p.
+def _tile_pixels(t, H, W, TH: tl.constexpr, TW: tl.constexpr):
+    """Pixels of 2-D spatial tile ``t`` (tiles run over (n, tile row, tile
+    column), row-major): sample ``n`` (scalar), rows ``h``, columns ``w`` and
+    the in-image mask of the TH*TW pixels (int32)."""
+    tiles_w = tl.cdiv(W, TW)
+    tiles_h = tl.cdiv(H, TH)
+    tw = t % tiles_w
+    r = t // tiles_w
+    th = r % tiles_h
+    n = r // tiles_h
+    i = tl.arange(0, TH * TW)
+    h = th * TH + i // TW
+    w = tw * TW + i % TW
+    return n, h, w, (h < H) & (w < W)
 
-    X: (M, C) NHWC input; Wt: (49, C) fp32 taps (tap = kh * 7 + kw).
-    FLIP: use the flipped kernel (dgrad: dx[q] = sum_k w[k] dy[q - (k - 3)]).
-    """
-    HW = H * W
-    n = p // HW
-    hw = p % HW
-    h = hw // W
-    w = hw % W
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(7):
+
+@triton.jit
+def _row_base(n, hh, H, W, I64: tl.constexpr):
+    """Flat pixel index of (n, hh, 0); int64 only when M*C >= 2**31."""
+    if I64:
+        return (n.to(tl.int64) * H + hh) * W
+    return (n * H + hh) * W
+
+
+@triton.jit
+def _conv_block(X, Wt, n, h, w, pmask, c, cmask, H, W, C,
+                FLIP: tl.constexpr, I64: tl.constexpr, BP: tl.constexpr,
+                BC: tl.constexpr):
+    """fp32 [BP, BC] depthwise 7x7 conv (no bias) of one pixel tile x one
+    channel block.  X: (M, C) NHWC; Wt: (49, C) fp32 taps (kh * 7 + kw).
+    FLIP: the flipped kernel (dgrad: dx[q] = sum_k w[k] dy[q - (k - 3)]).
+
+    Kernel rows are a runtime loop (7 iterations), columns are unrolled: the
+    7 loads of one row hit the same lines (L1), and only one row's loads and
+    addresses are live at a time (no spills)."""
+    acc = tl.zeros((BP, BC), dtype=tl.float32)
+    cm = cmask[None, :]
+    for kh in range(7):
         if FLIP:
             hh = h - (kh - 3)
         else:
             hh = h + (kh - 3)
         hok = pmask & (hh >= 0) & (hh < H)
+        rb = _row_base(n, hh, H, W, I64)
         for kw in tl.static_range(7):
             if FLIP:
                 ww = w - (kw - 3)
             else:
                 ww = w + (kw - 3)
             ok = hok & (ww >= 0) & (ww < W)
-            q = (n * H + hh) * W + ww
-            xv = tl.load(X + q[:, None] * C + c[None, :],
-                         mask=ok[:, None] & cmask[None, :],
-                         other=0.).to(tl.float32)
+            xv = tl.load(X + (rb + ww)[:, None] * C + c[None, :],
+                         mask=ok[:, None] & cm, other=0.).to(tl.float32)
             wv = tl.load(Wt + (kh * 7 + kw) * C + c, mask=cmask, other=0.)
             acc += xv * wv[None, :]
     return acc
-
-
-@triton.jit
-def _pixel_tile(M, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile: (pid, pixel rows p, channels c, their masks, and
-    the 2-D mask) of a (BLOCK_P, BLOCK_C) block of an (M, C) NHWC tensor."""
-    pid = tl.program_id(0).to(tl.int64)
-    p = pid * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    pmask = p < M
-    cmask = c < C
-    return pid, p, c, pmask, cmask, pmask[:, None] & cmask[None, :]
 
 
 @triton.jit
@@ -87,23 +151,50 @@ def _dwconv_ln_fwd_kernel(
         Z,  # (M, C) out: normalised activations
         MEAN,  # (M,) fp32 out
         RSTD,  # (M,) fp32 out
-        M, H, W, C, eps,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, p, c, pmask, cmask, m2 = _pixel_tile(M, C, BLOCK_P, BLOCK_C)
-    acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False, BLOCK_P,
-                       BLOCK_C)
-    acc += tl.load(B + c, mask=cmask, other=0.)[None, :]
-    mean = tl.sum(acc, axis=1) / C
-    diff = tl.where(cmask[None, :], acc - mean[:, None], 0.)
-    var = tl.sum(diff * diff, axis=1) / C
-    rstd = tl.rsqrt(var + eps)
-    lnw = tl.load(LNW + c, mask=cmask, other=0.)
-    lnb = tl.load(LNB + c, mask=cmask, other=0.)
-    z = diff * rstd[:, None] * lnw[None, :] + lnb[None, :]
-    tl.store(Z + p[:, None] * C + c[None, :], z.to(Z.dtype.element_ty),
-             mask=m2)
-    tl.store(MEAN + p, mean, mask=pmask)
-    tl.store(RSTD + p, rstd, mask=pmask)
+        H, W, C, eps,
+        TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
+        I64: tl.constexpr):
+    BP: tl.constexpr = TH * TW
+    n, h, w, pmask = _tile_pixels(tl.program_id(0), H, W, TH, TW)
+    pix = _row_base(n, h, H, W, I64) + w
+    mean = tl.zeros((BP, ), dtype=tl.float32)
+    m2 = tl.zeros((BP, ), dtype=tl.float32)
+    # pass 1: conv + bias per channel block; y (rounded to Z's dtype, as the
+    # reference's conv output is) goes to Z; Chan's stable combine of the
+    # per-block mean / sum of squared deviations
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cmask = c < C
+        m2d = pmask[:, None] & cmask[None, :]
+        acc = _conv_block(X, Wt, n, h, w, pmask, c, cmask, H, W, C, False,
+                          I64, BP, BC)
+        y = (acc + tl.load(B + c, mask=cmask, other=0.)[None, :]).to(
+            Z.dtype.element_ty)
+        tl.store(Z + pix[:, None] * C + c[None, :], y, mask=m2d)
+        yf = tl.where(cmask[None, :], y.to(tl.float32), 0.)
+        nb = tl.minimum(C - c0, BC) * 1.0
+        seen = c0 * 1.0
+        bmean = tl.sum(yf, axis=1) / nb
+        d = tl.where(cmask[None, :], yf - bmean[:, None], 0.)
+        delta = bmean - mean
+        tot = seen + nb
+        mean += delta * (nb / tot)
+        m2 += tl.sum(d * d, axis=1) + delta * delta * (seen * nb / tot)
+    rstd = tl.rsqrt(m2 / C + eps)
+    tl.debug_barrier()
+    # pass 2: normalise this program's own y in place
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cmask = c < C
+        m2d = pmask[:, None] & cmask[None, :]
+        ptr = Z + pix[:, None] * C + c[None, :]
+        y = tl.load(ptr, mask=m2d, other=0.).to(tl.float32)
+        lnw = tl.load(LNW + c, mask=cmask, other=0.)
+        lnb = tl.load(LNB + c, mask=cmask, other=0.)
+        z = (y - mean[:, None]) * rstd[:, None] * lnw[None, :] + lnb[None, :]
+        tl.store(ptr, z.to(Z.dtype.element_ty), mask=m2d)
+    tl.store(MEAN + pix, mean, mask=pmask)
+    tl.store(RSTD + pix, rstd, mask=pmask)
 
 
 @triton.jit
@@ -112,85 +203,211 @@ def _dwconv_ln_bwd_kernel(
         Wt,  # (49, C) fp32 conv taps
         B,  # (C,) fp32 conv bias
         LNW,  # (C,) fp32 LN weight
-        DZ,  # (M, C) grad of the LN output
+        DZ,  # (M, C) grad of the LN output (the forward's out dtype)
         MEAN,  # (M,) fp32
         RSTD,  # (M,) fp32
-        DY,  # (M, C) fp32 out: grad of the conv output
-        PART,  # (num_programs, 3, C) fp32 out: sums of dz*xhat, dz, dy
-        M, H, W, C,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, p, c, pmask, cmask, m2 = _pixel_tile(M, C, BLOCK_P, BLOCK_C)
-    acc = _dwconv_tile(X, Wt, p, c, pmask, cmask, H, W, C, False, BLOCK_P,
-                       BLOCK_C)
-    acc += tl.load(B + c, mask=cmask, other=0.)[None, :]
-    mean = tl.load(MEAN + p, mask=pmask, other=0.)
-    rstd = tl.load(RSTD + p, mask=pmask, other=0.)
-    xhat = tl.where(m2, (acc - mean[:, None]) * rstd[:, None], 0.)
-    dz = tl.load(DZ + p[:, None] * C + c[None, :], mask=m2,
-                 other=0.).to(tl.float32)
-    lnw = tl.load(LNW + c, mask=cmask, other=0.)
-    g = dz * lnw[None, :]
-    c1 = tl.sum(xhat * g, axis=1) / C
-    c2 = tl.sum(g, axis=1) / C
-    dy = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    dy = tl.where(m2, dy, 0.)
-    tl.store(DY + p[:, None] * C + c[None, :], dy, mask=m2)
-    base = PART + pid * 3 * C
-    tl.store(base + c, tl.sum(dz * xhat, axis=0), mask=cmask)
-    tl.store(base + C + c, tl.sum(dz, axis=0), mask=cmask)
-    tl.store(base + 2 * C + c, tl.sum(dy, axis=0), mask=cmask)
+        DY,  # (M, C) out, DZ's dtype: grad of the conv output
+        PART,  # (num_tiles, 3, C) fp32 out: sums of dz*xhat, dz, dy
+        H, W, C,
+        TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
+        I64: tl.constexpr):
+    BP: tl.constexpr = TH * TW
+    t = tl.program_id(0)
+    n, h, w, pmask = _tile_pixels(t, H, W, TH, TW)
+    pix = _row_base(n, h, H, W, I64) + w
+    mean = tl.load(MEAN + pix, mask=pmask, other=0.)
+    rstd = tl.load(RSTD + pix, mask=pmask, other=0.)
+    c1 = tl.zeros((BP, ), dtype=tl.float32)
+    c2 = tl.zeros((BP, ), dtype=tl.float32)
+    # pass 1: recompute y (rounded as in the forward: exact in DY's dtype),
+    # park it in DY, accumulate the per-pixel LN-backward sums
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cmask = c < C
+        m2d = pmask[:, None] & cmask[None, :]
+        acc = _conv_block(X, Wt, n, h, w, pmask, c, cmask, H, W, C, False,
+                          I64, BP, BC)
+        y = (acc + tl.load(B + c, mask=cmask, other=0.)[None, :]).to(
+            DY.dtype.element_ty)
+        tl.store(DY + pix[:, None] * C + c[None, :], y, mask=m2d)
+        xhat = tl.where(m2d, (y.to(tl.float32) - mean[:, None]) *
+                        rstd[:, None], 0.)
+        dz = tl.load(DZ + pix[:, None] * C + c[None, :], mask=m2d,
+                     other=0.).to(tl.float32)
+        g = dz * tl.load(LNW + c, mask=cmask, other=0.)[None, :]
+        c1 += tl.sum(xhat * g, axis=1)
+        c2 += tl.sum(g, axis=1)
+    c1 = c1 / C
+    c2 = c2 / C
+    tl.debug_barrier()
+    # pass 2: dy from the parked y; per-tile partial sums of the
+    # per-channel grads (fixed order: deterministic)
+    base = PART + t * 3 * C
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        cmask = c < C
+        m2d = pmask[:, None] & cmask[None, :]
+        ptr = DY + pix[:, None] * C + c[None, :]
+        y = tl.load(ptr, mask=m2d, other=0.).to(tl.float32)
+        xhat = tl.where(m2d, (y - mean[:, None]) * rstd[:, None], 0.)
+        dz = tl.load(DZ + pix[:, None] * C + c[None, :], mask=m2d,
+                     other=0.).to(tl.float32)
+        g = dz * tl.load(LNW + c, mask=cmask, other=0.)[None, :]
+        dy = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        dy = tl.where(m2d, dy, 0.)
+        tl.store(ptr, dy.to(DY.dtype.element_ty), mask=m2d)
+        tl.store(base + c, tl.sum(dz * xhat, axis=0), mask=cmask)
+        tl.store(base + C + c, tl.sum(dz, axis=0), mask=cmask)
+        tl.store(base + 2 * C + c, tl.sum(dy, axis=0), mask=cmask)
 
 
 @triton.jit
 def _dwconv_dgrad_kernel(
-        DY,  # (M, C) fp32 grad of the conv output
+        DY,  # (M, C) grad of the conv output (compute dtype)
         Wt,  # (49, C) fp32 conv taps (flipped inside)
         RES,  # (M, C) residual grad added to the result (if HAS_RES)
         DX,  # (M, C) out: grad of the conv input
-        M, H, W, C,
+        H, W, C,
         HAS_RES: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, p, c, pmask, cmask, m2 = _pixel_tile(M, C, BLOCK_P, BLOCK_C)
-    acc = _dwconv_tile(DY, Wt, p, c, pmask, cmask, H, W, C, True, BLOCK_P,
-                       BLOCK_C)
+        TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
+        I64: tl.constexpr):
+    BP: tl.constexpr = TH * TW
+    n, h, w, pmask = _tile_pixels(tl.program_id(0), H, W, TH, TW)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = c < C
+    m2d = pmask[:, None] & cmask[None, :]
+    acc = _conv_block(DY, Wt, n, h, w, pmask, c, cmask, H, W, C, True, I64,
+                      BP, BC)
+    off = (_row_base(n, h, H, W, I64) + w)[:, None] * C + c[None, :]
     if HAS_RES:
-        acc += tl.load(RES + p[:, None] * C + c[None, :], mask=m2,
-                       other=0.).to(tl.float32)
-    tl.store(DX + p[:, None] * C + c[None, :], acc.to(DX.dtype.element_ty),
-             mask=m2)
+        acc += tl.load(RES + off, mask=m2d, other=0.).to(tl.float32)
+    tl.store(DX + off, acc.to(DX.dtype.element_ty), mask=m2d)
 
 
 @triton.jit
 def _dwconv_wgrad_kernel(
         X,  # (M, C) NHWC conv input
-        DY,  # (M, C) fp32 grad of the conv output
-        PART,  # (num_programs, 49, C) fp32 out
-        M, H, W, C, TILES_PER_PROG,
-        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
+        DY,  # (M, C) grad of the conv output (compute dtype)
+        PART,  # (G, 49, C) fp32 out: per-program partial weight grads
+        H, W, C, NUM_TILES, G,
+        TH: tl.constexpr, TW: tl.constexpr,
+        BC: tl.constexpr, I64: tl.constexpr):
+    """One pass: program (g, channel block) visits tiles g, g+G, ... once;
+    each dy tile is loaded once and all 49 taps are accumulated from it into
+    49 fp32 [BC] accumulators held in registers."""
+    g = tl.program_id(0)
+    # contiguity hint 1: one channel per thread, so the 49 [BC] accumulators
+    # (a slice layout, replicated over the pixel threads) cost 49 registers
+    c = tl.max_contiguous(tl.program_id(1) * BC + tl.arange(0, BC), 1)
     cmask = c < C
-    HW = H * W
-    for kh in tl.static_range(7):
-        for kw in tl.static_range(7):
-            acc = tl.zeros((BLOCK_C, ), dtype=tl.float32)
-            for t in range(TILES_PER_PROG):
-                tile = pid * TILES_PER_PROG + t
-                p = tile * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-                pmask = p < M
-                n = p // HW
-                hw = p % HW
-                hh = hw // W + (kh - 3)
-                ww = hw % W + (kw - 3)
-                ok = pmask & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                q = (n * H + hh) * W + ww
-                dy = tl.load(DY + p[:, None] * C + c[None, :],
-                             mask=pmask[:, None] & cmask[None, :], other=0.)
-                xv = tl.load(X + q[:, None] * C + c[None, :],
-                             mask=ok[:, None] & cmask[None, :],
-                             other=0.).to(tl.float32)
-                acc += tl.sum(dy * xv, axis=0)
-            tl.store(PART + (pid * 49 + kh * 7 + kw) * C + c, acc, mask=cmask)
+    cm = cmask[None, :]
+    accs = ()
+    for k in tl.static_range(49):
+        accs = accs + (tl.zeros((BC, ), dtype=tl.float32), )
+    for t in range(g, NUM_TILES, G):
+        n, h, w, pmask = _tile_pixels(t, H, W, TH, TW)
+        dy = tl.load(DY + (_row_base(n, h, H, W, I64) + w)[:, None] * C +
+                     c[None, :], mask=pmask[:, None] & cm,
+                     other=0.).to(tl.float32)
+        new = ()
+        for kh in tl.static_range(7):
+            hh = h + (kh - 3)
+            hok = pmask & (hh >= 0) & (hh < H)
+            rb = _row_base(n, hh, H, W, I64)
+            for kw in tl.static_range(7):
+                ww = w + (kw - 3)
+                ok = hok & (ww >= 0) & (ww < W)
+                xv = tl.load(X + (rb + ww)[:, None] * C + c[None, :],
+                             mask=ok[:, None] & cm, other=0.).to(tl.float32)
+                new = new + (accs[kh * 7 + kw] + tl.sum(dy * xv, axis=0), )
+        accs = new
+    for k in tl.static_range(49):
+        tl.store(PART + (g * 49 + k) * C + c, accs[k], mask=cmask)
+
+
+# --------------------------------------------------------------------------
+# launch configuration: the one place that decides tiles, warps and grids
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one kernel is launched for one shape.
+
+    ``meta``: the kernel's constexprs; ``runtime``: extra integer args (beyond
+    tensors and H, W, C) the kernel takes; ``grid``; ``num_warps``/
+    ``num_stages``.  The host functions launch exactly this (``launch``);
+    static checks compile exactly this."""
+    kernel: str
+    grid: Tuple[int, ...]
+    meta: Dict[str, object]
+    runtime: Dict[str, int]
+    num_warps: int
+    num_stages: int
+
+    def launch(self, *args):
+        fn = KERNELS[self.kernel]
+        fn[self.grid](*args, **self.runtime, **self.meta,
+                      num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# (TH, TW, BC, num_warps, num_stages) per kernel.  GPU: chosen with the
+# sm_90 compile check (registers, zero spills, occupancy; see the module
+# docstring).  Interpreter: bigger tiles (it pays per program instance).
+_GPU_TILES = {
+    'fwd': (8, 8, 32, 4, 1),
+    'ln_bwd': (8, 8, 32, 8, 1),
+    'dgrad': (8, 8, 32, 8, 1),
+    'wgrad': (4, 8, 32, 4, 1),
+}
+_INTERP_TILES = {k: (8, 16, 32, 4, 1) for k in _GPU_TILES}
+# element offsets switch to int64 from this many elements (M * C)
+_I64_ELEMS = 2**31
+# wgrad: programs per channel block (G) so that the (G, 49, C) fp32 partial
+# buffer stays small against the activation while the grid fills the GPU
+_WGRAD_PIXELS_PER_PROG = 1024
+_WGRAD_MIN_PROGRAMS = 264  # 2 x 132 SMs (H100 SXM)
+_WGRAD_MAX_G_INTERP = 3
+
+
+def launch_config(kernel: str, N: int, H: int, W: int, C: int,
+                  gpu: bool = None) -> LaunchConfig:
+    """Launch config of ``kernel`` (one of :data:`KERNELS`) for an
+    (N, H, W, C) input.  ``gpu``: use the GPU's tiles (default: on a GPU, or
+    when ``CONVNEXTV2_FAST_GPU_CONFIG=1``; the interpreter otherwise)."""
+    if kernel not in KERNELS:
+        raise ArgumentError(f'kernel must be one of {sorted(KERNELS)}, '
+                            f'got {kernel!r}.')
+    if gpu is None:
+        gpu = use_gpu_config()
+    TH, TW, BC, warps, stages = (_GPU_TILES if gpu else _INTERP_TILES)[kernel]
+    BC = min(BC, next_pow2(C))
+    M = N * H * W
+    meta = dict(TH=TH, TW=TW, BC=BC, I64=M * C >= _I64_ELEMS)
+    n_tiles = N * triton.cdiv(H, TH) * triton.cdiv(W, TW)
+    n_cb = triton.cdiv(C, BC)
+    runtime = {}
+    if kernel in ('fwd', 'ln_bwd'):
+        grid = (n_tiles, )
+    elif kernel == 'dgrad':
+        grid = (n_tiles, n_cb)
+    else:
+        G = max(M // _WGRAD_PIXELS_PER_PROG,
+                triton.cdiv(_WGRAD_MIN_PROGRAMS, n_cb))
+        if not gpu:
+            G = _WGRAD_MAX_G_INTERP
+        G = max(1, min(G, n_tiles))
+        runtime = dict(NUM_TILES=n_tiles, G=G)
+        grid = (G, n_cb)
+    if kernel == 'dgrad':
+        meta = dict(HAS_RES=True, **meta)  # host overrides per call
+    return LaunchConfig(kernel, grid, meta, runtime, warps, stages)
+
+
+KERNELS = {
+    'fwd': _dwconv_ln_fwd_kernel,
+    'ln_bwd': _dwconv_ln_bwd_kernel,
+    'dgrad': _dwconv_dgrad_kernel,
+    'wgrad': _dwconv_wgrad_kernel,
+}
 
 
 # --------------------------------------------------------------------------
@@ -216,12 +433,8 @@ def _taps(dw_weight):
     return dw_weight.detach().reshape(C, 49).t().float().contiguous()
 
 
-def _launch_shape(x):
-    N, H, W, C = x.shape
-    M = N * H * W
-    BLOCK_C = next_pow2(C)
-    BLOCK_P = pixel_block(BLOCK_C)
-    return N, H, W, C, M, BLOCK_C, BLOCK_P
+def _f32(t):
+    return t.detach().float().contiguous()
 
 
 def dwconv_ln_forward(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=LN_EPS,
@@ -229,20 +442,19 @@ def dwconv_ln_forward(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=LN_EPS,
     """z = LN_C(dwconv7x7(x) + b) of an (N, H, W, C) contiguous tensor.
 
     Returns ``(z, mean, rstd)``: z (N, H, W, C) in ``out_dtype`` (default
-    x.dtype), mean/rstd fp32 (N*H*W,).
+    x.dtype), mean/rstd fp32 (N*H*W,) of the conv output rounded to
+    ``out_dtype``.
     """
     _check_params(x, dw_weight, dw_bias, ln_weight, ln_bias)
-    N, H, W, C, M, BLOCK_C, BLOCK_P = _launch_shape(x)
+    N, H, W, C = x.shape
     out_dtype = out_dtype or x.dtype
+    check_tensor(x.new_empty(0, dtype=out_dtype), 'out_dtype')
     z = torch.empty((N, H, W, C), device=x.device, dtype=out_dtype)
-    mean = torch.empty((M, ), device=x.device, dtype=torch.float32)
-    rstd = torch.empty((M, ), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, BLOCK_P), )
-    _dwconv_ln_fwd_kernel[grid](
-        x, _taps(dw_weight), dw_bias.detach().float().contiguous(),
-        ln_weight.detach().float().contiguous(),
-        ln_bias.detach().float().contiguous(), z, mean, rstd, M, H, W, C,
-        float(eps), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    mean = torch.empty((N * H * W, ), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    launch_config('fwd', N, H, W, C).launch(
+        x, _taps(dw_weight), _f32(dw_bias), _f32(ln_weight), _f32(ln_bias), z,
+        mean, rstd, H, W, C, float(eps))
     return z, mean, rstd
 
 
@@ -250,51 +462,43 @@ def dwconv_ln_backward(dz, x, dw_weight, dw_bias, ln_weight, mean, rstd,
                        dres=None, dx_dtype=None):
     """Grads of :func:`dwconv_ln_forward`.
 
-    ``dres`` (optional, (N, H, W, C)) is added to the input grad (the residual
-    branch of a block).  Returns ``(dx, d_dw_weight (C,1,7,7), d_dw_bias,
-    d_ln_weight, d_ln_bias)``; weight grads are fp32, reduced from per-program
-    partial buffers with a torch sum (deterministic).
+    ``dz`` must have the forward's ``out_dtype`` (it is the grad of z): the
+    conv output is recomputed and rounded to it, exactly as the forward
+    rounded it before taking the statistics; ``dy`` (grad of the conv output)
+    is kept in that dtype.  ``dres`` (optional, (N, H, W, C)) is added to the
+    input grad (the residual branch of a block).  Returns ``(dx, d_dw_weight
+    (C,1,7,7), d_dw_bias, d_ln_weight, d_ln_bias)``; weight grads are fp32,
+    reduced from per-program partial buffers with a torch sum (deterministic).
     """
     C = _check_params(x, dw_weight, dw_bias, ln_weight, ln_weight)
     check_tensor(dz, 'dz', shape=tuple(x.shape))
     if dres is not None:
         check_tensor(dres, 'dres', shape=tuple(x.shape))
-    N, H, W, C, M, BLOCK_C, BLOCK_P = _launch_shape(x)
+    N, H, W, C = x.shape
+    M = N * H * W
     check_tensor(mean, 'mean', shape=(M, ), dtypes=(torch.float32, ))
     check_tensor(rstd, 'rstd', shape=(M, ), dtypes=(torch.float32, ))
     taps = _taps(dw_weight)
-    n_tiles = triton.cdiv(M, BLOCK_P)
-    dy = torch.empty((M, C), device=x.device, dtype=torch.float32)
-    part = torch.empty((n_tiles, 3, C), device=x.device, dtype=torch.float32)
-    _dwconv_ln_bwd_kernel[(n_tiles, )](
-        x, taps, dw_bias.detach().float().contiguous(),
-        ln_weight.detach().float().contiguous(), dz, mean, rstd, dy, part,
-        M, H, W, C, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    dev = x.device
+
+    cfg = launch_config('ln_bwd', N, H, W, C)
+    dy = torch.empty((M, C), device=dev, dtype=dz.dtype)
+    part = torch.empty((cfg.grid[0], 3, C), device=dev, dtype=torch.float32)
+    cfg.launch(x, taps, _f32(dw_bias), _f32(ln_weight), dz, mean, rstd, dy,
+               part, H, W, C)
     # three separate reductions: the results must not alias each other
     d_lnw, d_lnb, d_b = (part[:, i].sum(0) for i in range(3))
 
-    dx = torch.empty((N, H, W, C), device=x.device,
-                     dtype=dx_dtype or x.dtype)
-    _dwconv_dgrad_kernel[(n_tiles, )](
-        dy, taps, dres if dres is not None else dy, dx, M, H, W, C,
-        HAS_RES=dres is not None, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
+    dx = torch.empty((N, H, W, C), device=dev, dtype=dx_dtype or x.dtype)
+    cfg = launch_config('dgrad', N, H, W, C)
+    cfg = replace(cfg, meta=dict(cfg.meta, HAS_RES=dres is not None))
+    cfg.launch(dy, taps, dres if dres is not None else dy, dx, H, W, C)
 
-    # wgrad: a bounded number of programs, each reducing a range of tiles
-    max_progs = 4 if _interp() else 512
-    tiles_per_prog = triton.cdiv(n_tiles, max_progs)
-    n_progs = triton.cdiv(n_tiles, tiles_per_prog)
-    wpart = torch.empty((n_progs, 49, C), device=x.device,
-                        dtype=torch.float32)
-    _dwconv_wgrad_kernel[(n_progs, )](
-        x, dy, wpart, M, H, W, C, tiles_per_prog, BLOCK_P=BLOCK_P,
-        BLOCK_C=BLOCK_C)
+    cfg = launch_config('wgrad', N, H, W, C)
+    wpart = torch.empty((cfg.grid[0], 49, C), device=dev, dtype=torch.float32)
+    cfg.launch(x, dy, wpart, H, W, C)
     d_w = wpart.sum(0).t().reshape(C, 1, 7, 7)
     return dx, d_w, d_b, d_lnw, d_lnb
-
-
-def _interp():
-    from ._common import is_interpreter
-    return is_interpreter()
 
 
 class DwconvLNFunction(torch.autograd.Function):
@@ -326,4 +530,5 @@ def dwconv_ln(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=LN_EPS):
 
 
 __all__ = ['dwconv_ln_forward', 'dwconv_ln_backward', 'DwconvLNFunction',
-           'dwconv_ln', 'ArgumentError']
+           'dwconv_ln', 'launch_config', 'LaunchConfig', 'KERNELS',
+           'ArgumentError']

@@ -6,17 +6,30 @@ Pipeline (all activations channels-last, (N, H, W, C) / (N, HW, 4C)):
 dw 7x7 + bias + LN     Triton (:mod:`.dwconv_ln`), fp32 mean/rstd
 pw1 (+ bias)           torch ``F.linear`` (cuBLAS) in the compute dtype
 GELU + GRN sum u^2     Triton (:mod:`.gelu_grn`), deterministic partials
-GRN apply + pw2        torch ``baddbmm`` with the GRN folded into a
-                       per-sample column scale of W2 and ``W2 beta + b2``
-layer scale, drop      Triton (:mod:`.layer_scale_residual`): one
-path, residual         per-(sample, channel) scale ``r`` + residual add
+GRN apply + pw2        torch ``bmm`` with the GRN folded into a per-sample
+                       column scale of W2 (Triton fold kernel, written in
+                       the compute dtype)
+layer scale, drop      Triton (:mod:`.layer_scale_residual`): the pw2 bias
+path, residual         ``W2 beta + b2``, one per-(sample, channel) scale
+                       ``r`` and the residual add, one pass
 ====================  =====================================================
 
 Backward: Triton for the GELU/GRN passes (second global reduction
 ``sum_p dv*u``), the LN backward (conv output recomputed in-kernel), the
 flipped-kernel dgrad (plus the residual grad) and the depthwise wgrad
 (per-program fp32 partials, torch sum: no atomics, bit-reproducible); torch
-GEMMs for pw1/pw2 data and weight grads.
+GEMMs for pw1/pw2 data and weight grads.  The bias grads come from kernels
+that already pass over the tensor (``db1`` from the GELU/GRN apply pass over
+``dh``, ``sum_p dout`` from the ``dout * r`` pass), and the grad of ``r`` is
+computed only when ``r`` requires grad (a layer scale).
+
+Weights: the pointwise weights are cast to the compute dtype once per
+forward; in ``save`` mode those casts are saved for the backward in place of
+the weights (nothing is recast there).  Under autocast (fp32 weights) that
+keeps ``2 * 4C^2`` half-precision elements per block alive until the
+backward (16C/M bytes per block element: 8 B/elem at V2-B stage 4); in
+``recompute`` mode (memory first) they are not kept and are cast again in
+the backward.
 
 Recompute switch
 ----------------
@@ -77,14 +90,32 @@ def _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2,
     return N, H, W, C, K
 
 
+def _cast_weight(w, cd):
+    """``w`` in the compute dtype: a copy only when the dtypes differ."""
+    return w.detach().to(cd)
+
+
+def mm_f32(a, b):
+    """``a @ b`` as fp32.  Where this torch has a GEMM with an fp32 output
+    for half inputs (``mm(..., out_dtype=)``: CUDA and meta), the GEMM writes
+    fp32 directly; elsewhere (CPU) its output is cast (a no-op for fp32)."""
+    if (a.dtype in (torch.float16, torch.bfloat16)
+            and a.device.type in ('cuda', 'meta')):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
 def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
                         b2, r, ln_eps=LN_EPS, grn_eps=GRN_EPS,
                         compute_dtype=None, save=True):
     """Forward of one block on an (N, H, W, C) contiguous ``x``.
 
     ``r`` (N, C) fp32: layer scale x drop-path keep scale.  Returns
-    ``(out, z, h, mean, rstd, S)``; z/h/mean/rstd are empty when ``save`` is
-    False (recompute mode).
+    ``(out, z, h, mean, rstd, S, w1c, w2c)``; z/h/mean/rstd are empty when
+    ``save`` is False (recompute mode).  ``w1c``/``w2c`` are the pointwise
+    weights cast to the compute dtype once here, returned (for the backward,
+    in place of the weights) only in ``save`` mode and only when the cast is
+    a real copy (weight dtype != compute dtype); empty otherwise.
     """
     N, H, W, C, K = _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1,
                                       gamma, beta, w2, b2, r)
@@ -92,49 +123,76 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
     with torch.autocast(x.device.type, enabled=False):
         z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b, ln_eps,
                                           out_dtype=cd)
-        h = F.linear(z.view(-1, C), w1.detach().to(cd),
-                     b1.detach().to(cd)).view(N, H * W, K)
-        a, S = grn_pw2_forward(h, gamma, beta, w2, b2, grn_eps)
+        w1c = _cast_weight(w1, cd)
+        h = F.linear(z.view(-1, C), w1c, _cast_weight(b1, cd)).view(
+            N, H * W, K)
+        keep_w2 = save and w2.dtype != cd
+        a, bias2, S, w2c = grn_pw2_forward(h, gamma, beta, w2, b2, grn_eps,
+                                           keep_w2=keep_w2)
         out = scale_residual_forward(a, r.detach(), x.view(N, H * W, C),
-                                     out_dtype=x.dtype)
+                                     out_dtype=x.dtype, bias=bias2)
     out = out.view(N, H, W, C)
+    empty = x.new_empty((0, ), dtype=cd)
+    w1c = w1c if save and w1.dtype != cd else empty.clone()
+    w2c = w2c if keep_w2 else empty.clone()
     if not save:
-        empty = x.new_empty((0, ), dtype=cd)
         z, h = empty, empty.clone()
         mean = x.new_empty((0, ), dtype=torch.float32)
         rstd = mean.clone()
-    return out, z, h, mean, rstd, S
+    return out, z, h, mean, rstd, S, w1c, w2c
+
+
+def backward_inputs(args, fwd_out):
+    """What the backward takes after ``dout``, from the forward's inputs
+    ``(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r)`` and its
+    outputs: ``(x, z, h, mean, rstd, S, dw_w, ..., r)`` with the casts
+    ``w1c``/``w2c`` in place of ``w1``/``w2`` where the forward made them.
+    The autograd Function saves exactly this; the instruments
+    (benchmarks/bench_static.py, bench_traffic.py) drive the backward with
+    it, so they launch what training launches."""
+    x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r = args
+    _, z, h, mean, rstd, S, w1c, w2c = fwd_out
+    return (x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
+            w1c if w1c.numel() else w1, b1, gamma, beta,
+            w2c if w2c.numel() else w2, b2, r)
 
 
 def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
                          w1, b1, gamma, beta, w2, b2, r, ln_eps=LN_EPS,
-                         grn_eps=GRN_EPS, compute_dtype=None, save=True):
+                         grn_eps=GRN_EPS, compute_dtype=None, save=True,
+                         need_dr=True):
     """All grads of :func:`fused_block_forward` (fp32 weight grads):
     ``(dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b, d_w1, d_b1, d_gamma, d_beta, d_w2,
-    d_b2, d_r)``."""
+    d_b2, d_r)``; ``d_r`` is empty unless ``need_dr``.  ``w1``/``w2`` may be
+    given already in the compute dtype (the forward's ``w1c``/``w2c``): then
+    nothing is recast here."""
     N, H, W, C, K = _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1,
                                       gamma, beta, w2, b2, r)
     check_tensor(dout, 'dout', shape=tuple(x.shape))
     cd = compute_dtype or x.dtype
     M = N * H * W
     with torch.autocast(x.device.type, enabled=False):
-        w1c = w1.detach().to(cd)
+        w1c = _cast_weight(w1, cd)
         if not save:
             z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b,
                                               ln_eps, out_dtype=cd)
-            h = F.linear(z.view(-1, C), w1c,
-                         b1.detach().to(cd)).view(N, H * W, K)
-        dh, dgamma, dbeta, dw2, db2, dr = grn_pw2_backward(
+            h = F.linear(z.view(-1, C), w1c, _cast_weight(b1, cd)).view(
+                N, H * W, K)
+        dh, db1, dgamma, dbeta, dw2, db2, dr = grn_pw2_backward(
             dout.view(N, H * W, C), r.detach(), h, S, gamma, beta, w2, b2,
-            grn_eps)
+            grn_eps, need_dr=need_dr, w2c=_cast_weight(w2, cd))
         dh2 = dh.view(M, K)
         dz = torch.mm(dh2, w1c)
-        dw1 = torch.mm(dh2.t(), z.view(M, C)).float()
-        db1 = dh2.sum(0, dtype=torch.float32)
+        dw1 = mm_f32(dh2.t(), z.view(M, C))
         del dh, dh2
         dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b = dwconv_ln_backward(
             dz.view(N, H, W, C), x, dw_w, dw_b, ln_w, mean, rstd, dres=dout,
             dx_dtype=x.dtype)
+    if dr is None:
+        dr = r.new_empty((0, ), dtype=torch.float32)
+    # the fake impl promises contiguous grads (free when already so; the
+    # param's .grad wants this layout anyway)
+    d_dw_w = d_dw_w.contiguous()
     return (dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b, dw1, db1, dgamma, dbeta, dw2,
             db2, dr)
 
@@ -148,7 +206,7 @@ def _block_fwd_op(x: Tensor, dw_w: Tensor, dw_b: Tensor, ln_w: Tensor,
                   beta: Tensor, w2: Tensor, b2: Tensor, r: Tensor,
                   ln_eps: float, grn_eps: float, compute_dtype: torch.dtype,
                   save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                       Tensor]:
+                                       Tensor, Tensor, Tensor]:
     return fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta,
                                w2, b2, r, ln_eps, grn_eps, compute_dtype, save)
 
@@ -159,18 +217,19 @@ def _(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
     N, H, W, C = x.shape
     K = w1.shape[0]
     f32 = torch.float32
-    if save:
-        z = x.new_empty((N, H, W, C), dtype=compute_dtype)
-        h = x.new_empty((N, H * W, K), dtype=compute_dtype)
-        mean = x.new_empty((N * H * W, ), dtype=f32)
-        rstd = x.new_empty((N * H * W, ), dtype=f32)
-    else:
-        z = x.new_empty((0, ), dtype=compute_dtype)
-        h = x.new_empty((0, ), dtype=compute_dtype)
-        mean = x.new_empty((0, ), dtype=f32)
-        rstd = x.new_empty((0, ), dtype=f32)
-    return (x.new_empty(x.shape), z, h, mean, rstd,
-            x.new_empty((N, K), dtype=f32))
+    cd = compute_dtype
+
+    def maybe(shape, dtype, keep):
+        return x.new_empty(shape if keep else (0, ), dtype=dtype)
+
+    return (x.new_empty(x.shape),
+            maybe((N, H, W, C), cd, save),
+            maybe((N, H * W, K), cd, save),
+            maybe((N * H * W, ), f32, save),
+            maybe((N * H * W, ), f32, save),
+            x.new_empty((N, K), dtype=f32),
+            maybe(tuple(w1.shape), cd, save and w1.dtype != cd),
+            maybe(tuple(w2.shape), cd, save and w2.dtype != cd))
 
 
 @torch.library.custom_op('convnextv2_fast::block_bwd', mutates_args=())
@@ -179,41 +238,54 @@ def _block_bwd_op(dout: Tensor, x: Tensor, z: Tensor, h: Tensor, mean: Tensor,
                   ln_w: Tensor, ln_b: Tensor, w1: Tensor, b1: Tensor,
                   gamma: Tensor, beta: Tensor, w2: Tensor, b2: Tensor,
                   r: Tensor, ln_eps: float, grn_eps: float,
-                  compute_dtype: torch.dtype, save: bool) -> List[Tensor]:
+                  compute_dtype: torch.dtype, save: bool,
+                  need_dr: bool) -> List[Tensor]:
     return list(fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b,
                                      ln_w, ln_b, w1, b1, gamma, beta, w2, b2,
-                                     r, ln_eps, grn_eps, compute_dtype, save))
+                                     r, ln_eps, grn_eps, compute_dtype, save,
+                                     need_dr))
 
 
 @_block_bwd_op.register_fake
 def _(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
-      beta, w2, b2, r, ln_eps, grn_eps, compute_dtype, save):
+      beta, w2, b2, r, ln_eps, grn_eps, compute_dtype, save, need_dr):
     f32 = torch.float32
     return [x.new_empty(x.shape)] + [
         t.new_empty(t.shape, dtype=f32)
-        for t in (dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r)]
+        for t in (dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2)] + [
+        r.new_empty(r.shape if need_dr else (0, ), dtype=f32)]
 
 
 class FusedBlockFunction(torch.autograd.Function):
-    """Thin autograd wrapper around the block_fwd / block_bwd ops."""
+    """Thin autograd wrapper around the block_fwd / block_bwd ops.
+
+    In ``save`` mode the pointwise weights are saved as cast to the compute
+    dtype by the forward (when that is a real cast), so the backward does not
+    cast them again; the grads still get each parameter's own dtype."""
 
     @staticmethod
     def forward(ctx, x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r,
                 ln_eps, grn_eps, compute_dtype, save):
-        out, z, h, mean, rstd, S = _block_fwd_op(
+        out, z, h, mean, rstd, S, w1c, w2c = _block_fwd_op(
             x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
             grn_eps, compute_dtype, save)
-        ctx.save_for_backward(x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
-                              w1, b1, gamma, beta, w2, b2, r)
+        ctx.save_for_backward(*backward_inputs(
+            (x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r),
+            (out, z, h, mean, rstd, S, w1c, w2c)))
+        ctx.param_dtypes = [t.dtype for t in (dw_w, dw_b, ln_w, ln_b, w1, b1,
+                                              gamma, beta, w2, b2, r)]
         ctx.cfg = (ln_eps, grn_eps, compute_dtype, save)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        saved = ctx.saved_tensors
-        grads = _block_bwd_op(dout.contiguous(), *saved, *ctx.cfg)
-        params = saved[6:]
-        grads = [grads[0]] + [g.to(p.dtype) for g, p in zip(grads[1:], params)]
+        need_dr = bool(ctx.needs_input_grad[11])
+        grads = _block_bwd_op(dout.contiguous(), *ctx.saved_tensors,
+                              *ctx.cfg, need_dr)
+        grads = [grads[0]] + [g.to(dt) for g, dt in zip(grads[1:],
+                                                        ctx.param_dtypes)]
+        if not need_dr:
+            grads[-1] = None
         return (*grads, None, None, None, None)
 
 
