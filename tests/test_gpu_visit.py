@@ -147,3 +147,15 @@ def test_warmed_cache_hits_after_prune_and_move(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     hits, misses = wtc.read_lookups(str(log))
     assert len(hits) == 2 and not misses, log.read_text()
+
+
+def test_every_gpu_test_file_belongs_to_an_area():
+    """A GPU test outside every area would never run on a visit (nor be
+    warmed): each file with a ``gpu`` mark is in some area's list."""
+    import glob
+    listed = {f for spec in wtc.AREAS.values() for f in spec['tests']}
+    for path in glob.glob(os.path.join(ROOT, 'tests', 'test_*.py')):
+        with open(path) as f:
+            if 'mark.gpu' in f.read():
+                rel = os.path.relpath(path, ROOT)
+                assert rel in listed, f'{rel} has GPU tests but no area'
