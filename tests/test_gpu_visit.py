@@ -30,7 +30,8 @@ def test_prune_and_relocate(tmp_path):
     _fake_entry(old, 'k1', 'dw', where=tmp_path / 'elsewhere' / 'k1')
     (old / 'stub').mkdir()
     (old / 'stub' / 'launcher.so').write_text('x')  # no group: dropped
-    assert wtc.relocate(old, keep=wtc.KEEP_SUFFIXES) == 1
+    _fake_entry(old, 'stale', 'dw')  # an older kernel source's entry
+    assert wtc.relocate(old, keep=wtc.KEEP_SUFFIXES, only={'k1'}) == 1
     assert sorted(os.listdir(old)) == ['k1']
     assert sorted(os.listdir(old / 'k1')) == ['__grp__dw.json', 'dw.cubin',
                                              'dw.json']
@@ -45,8 +46,8 @@ def test_prune_and_relocate(tmp_path):
 
 def test_report_counts_hits_and_misses(tmp_path, capsys):
     (tmp_path / 'manifest.json').write_text(json.dumps(dict(
-        specialisations=[dict(kernel='a', hash='h1'),
-                         dict(kernel='b', hash='h2')])))
+        specialisations=[dict(kernel='a', key='h1'),
+                         dict(kernel='b', key='h2')])))
     log = tmp_path / 'lookups'
     log.write_text('hit h1 a\nhit h1 a\nmiss h3 c\nmiss h4 d\nhit h4 d\n'
                    'miss h5 triton_poi_fused_add_0\n')  # inductor's

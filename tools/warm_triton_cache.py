@@ -294,6 +294,11 @@ def _skip_except_project(sm90):
     return SkipExceptProject
 
 
+def _base32(hash_hex):
+    from triton.runtime.cache import _base32 as b32
+    return b32(hash_hex)
+
+
 def make_capture(cache):
     """capture(fn) -> launches: ``fn`` under pretend_cuda, the stand-in sm_90
     driver (compiling into ``cache``) and SkipExceptProject."""
@@ -328,7 +333,9 @@ def capture_area(area, cache, log):
         key = (ln.kernel, json.dumps(ln.signature, sort_keys=True),
                json.dumps(ln.constexprs, sort_keys=True, default=str),
                ln.num_warps, ln.num_stages)
-        specs.setdefault(key, dict(kernel=ln.kernel, hash=ln.compiled.hash,
+        # ``key``: the cache folder's name (what the lookup log records)
+        specs.setdefault(key, dict(kernel=ln.kernel,
+                                   key=_base32(ln.compiled.hash),
                                    compile_s=round(ln.compile_s, 2)))
     log(f'{area}: {len(tl) + len(sl)} launches, {len(specs)} distinct '
         f'specialisations, {time.perf_counter() - t0:.0f} s')
@@ -342,14 +349,18 @@ def _groups(cache):
     return sorted(glob.glob(os.path.join(cache, '*', '__grp__*.json')))
 
 
-def relocate(cache, keep=None):
+def relocate(cache, keep=None, only=None):
     """Point every ``__grp__`` index at the files beside it (Triton stores
     absolute paths); with ``keep``, also delete the files whose suffix is
-    not in ``keep``.  Returns the number of groups rewritten."""
+    not in ``keep``; with ``only`` (cache keys), delete the other entries
+    (stale kernels).  Returns the number of groups kept."""
     cache = os.path.abspath(cache)
     n = 0
     for grp in _groups(cache):
         d = os.path.dirname(grp)
+        if only is not None and os.path.basename(d) not in only:
+            shutil.rmtree(d)
+            continue
         with open(grp) as f:
             data = json.load(f)
         kids = {}
@@ -398,7 +409,7 @@ def report(cache, log_path, out=None):
         with open(man_path) as f:
             manifest = json.load(f).get('specialisations', [])
     looked = {h for h, _ in hits | misses}
-    unused = [m for m in manifest if m['hash'] not in looked]
+    unused = [m for m in manifest if m['key'] not in looked]
     # torch.compile's (inductor's) kernels are named triton_*; the warmer
     # does not build them (the 'compile' benchmark provider compiles them)
     other = {m for m in misses if m[1].startswith('triton_')}
@@ -439,7 +450,7 @@ def cmd_warm(args):
         s, p = capture_area(area, cache, log)
         specs += s
         problems += p
-    n = relocate(cache, keep=KEEP_SUFFIXES)
+    n = relocate(cache, keep=KEEP_SUFFIXES, only={s['key'] for s in specs})
     new = {os.path.dirname(g) for g in _groups(cache)} - before
     man = dict(triton=triton.__version__, areas=areas,
                python=sys.version.split()[0],
