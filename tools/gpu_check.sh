@@ -106,8 +106,9 @@ else
   took[build]=0
   log "build: skipped (--skip-build); the model below counts its ${B_build}s limit"
 fi
-CONVNEXTV2_FAST_REQUIRE_EXT=1 "$PY" -m convnextv2_fast.info >>"$LOG" 2>&1 \
-  || die "convnextv2_fast with its extension does not import (see the log)" 4
+"$PY" -m convnextv2_fast.info >>"$LOG" 2>&1 \
+  && "$PY" -c "import sys; from convnextv2_fast._ext import extension_status as s; ok, why = s(); print('extension:', why); sys.exit(0 if ok else 1)" >>"$LOG" 2>&1 \
+  || { tail -3 "$LOG"; die "convnextv2_fast's compiled extension does not load (see the log)" 4; }
 
 # 3. the carried Triton cache ----------------------------------------------------
 lookups=$site.lookups
