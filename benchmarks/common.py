@@ -126,6 +126,29 @@ def append_results(path: str, meta: dict, rows: List[dict]) -> str:
     return path
 
 
+def suite_table(name: str, rows: List[dict], columns: Sequence[str]) -> str:
+    return f'### {name}\n\n' + markdown_table(rows, columns)
+
+
+class PartialResults:
+    """Rewrites ``path`` (the runs already in it + this run) and its ``.md``
+    on every call, so a run cut short keeps what it measured."""
+
+    def __init__(self, path: str, meta: dict):
+        self.path, self.meta = path, meta
+        self.previous = load_runs(path) if os.path.exists(path) else []
+
+    def __call__(self, rows: List[dict], tables: Sequence[str]) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = self.path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(self.previous + [dict(meta=self.meta, rows=rows)], f,
+                      indent=1, default=str)
+        os.replace(tmp, self.path)
+        with open(os.path.splitext(self.path)[0] + '.md', 'w') as f:
+            f.write('\n\n'.join(tables) + '\n')
+
+
 def load_runs(path: str) -> List[dict]:
     """The runs (``{'meta': ..., 'rows': [...]}``) stored in a results file."""
     with open(path) as f:

@@ -89,23 +89,33 @@ def main(argv=None):
     print(f"device: {meta['device']}  torch {meta['torch']}  triton "
           f"{meta['triton']}  smoke={smoke}")
     all_rows, tables = [], []
+    path = args.out or common.results_path(device)
+    # results survive a timeout: the JSON (earlier runs + this one) and the
+    # markdown are rewritten after every row and every suite
+    save = common.PartialResults(path, meta)
     for name in suites:
         module = importlib.import_module(SUITES[name])
         bar = tqdm(desc=name, unit='case') if tqdm else None
+        done = []
+
+        def row_done(r, name=name, module=module, done=done, bar=bar):
+            done.append(r)
+            save(all_rows + done, tables + [common.suite_table(
+                name, done, module.COLUMNS) + ' (partial)'])
+            if bar is not None:
+                bar.update(1)
+
         rows = module.run_suite(suite_smoke(name), device, providers,
-                                progress=(lambda r: bar.update(1))
-                                if bar is not None else None)
+                                progress=row_done)
         if bar is not None:
             bar.close()
         all_rows += rows
-        table = f'### {name}\n\n' + common.markdown_table(rows,
-                                                             module.COLUMNS)
+        table = common.suite_table(name, rows, module.COLUMNS)
         if hasattr(module, 'summary_markdown'):
             table = (f'### {name}\n\n' + module.summary_markdown(rows) +
                      '\n\n' + table[len(f'### {name}') + 2:])
         tables.append(table)
-    path = args.out or common.results_path(device)
-    common.append_results(path, meta, all_rows)
+        save(all_rows, tables)
     header = (f"Device: {meta['device']} | torch {meta['torch']} | triton "
               f"{meta['triton']} | commit {meta['commit']} | "
               f"{meta['timestamp']}")

@@ -135,3 +135,32 @@ def test_readme_results_block_generated_from_files(tmp_path):
     assert 'cpu-2026-11-28' not in text and 'old' not in text
     assert text.startswith('intro\n') and text.endswith('outro\n')
     assert not report.update_readme(str(readme), str(results))
+
+
+def test_results_survive_a_run_cut_short(tmp_path, monkeypatch):
+    """benchmarks/run.py rewrites the JSON and markdown after every row: a
+    suite that dies after its first row leaves that row (and earlier runs
+    in the file) on disk -- what a GPU visit's timeout would leave."""
+    import types
+
+    from benchmarks import run as bench_run
+    fake = types.ModuleType('fake_suite')
+    fake.COLUMNS = ['case', 'median_ms']
+
+    def run_suite(smoke, device, providers, progress=None):
+        progress(dict(case='first', median_ms=1.5))
+        raise KeyboardInterrupt  # the timeout's SIGTERM/SIGKILL stand-in
+
+    fake.run_suite = run_suite
+    monkeypatch.setitem(sys.modules, 'fake_suite', fake)
+    monkeypatch.setitem(bench_run.SUITES, 'fake', 'fake_suite')
+    out = tmp_path / 'r.json'
+    out.write_text(json.dumps([dict(meta=dict(old=True), rows=[])]))
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.main(['--smoke', '--suites', 'fake', '--out', str(out),
+                        '--no-plots'])
+    runs = json.loads(out.read_text())
+    assert runs[0]['meta'] == dict(old=True)
+    assert runs[1]['rows'] == [dict(case='first', median_ms=1.5)]
+    md = (tmp_path / 'r.md').read_text()
+    assert '| first | 1.5 |' in md and '(partial)' in md

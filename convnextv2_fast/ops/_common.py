@@ -9,6 +9,7 @@ import triton
 
 from .._errors import ArgumentError
 from ..impl import is_interpreter  # noqa: F401  (re-exported to the ops)
+from . import _triton_compat  # noqa: F401  (fixes triton 3.6's interpreter on import)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
