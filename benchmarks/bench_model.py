@@ -57,12 +57,20 @@ def stored_rows(suite: str, smoke: bool, digest: str,
     return (best[1], best[2]) if best else (None, None)
 
 
-def input_rows(suite: str, smoke: bool, device, providers):
-    """(rows, source) of an input suite (see the module docstring)."""
+def input_rows(suite: str, smoke: bool, device, providers,
+               run_missing: bool = True):
+    """(rows, source) of an input suite (see the module docstring);
+    ``run_missing=False``: stored rows only ((None, why) when there are
+    none for these sources)."""
     key = (suite, smoke)
     if key in _CACHE:
         return _CACHE[key]
-    rows, source = stored_rows(suite, smoke, common.source_digest())
+    digest = common.source_digest()
+    rows, source = stored_rows(suite, smoke, digest)
+    if rows is None and not run_missing:
+        return None, (f'no stored {suite} rows for source digest {digest} '
+                      f'in {common.RESULTS_DIR}: run `python -m benchmarks '
+                      '--suites static traffic model` and commit the results')
     if rows is None:
         try:
             module = importlib.import_module(f'benchmarks.bench_{suite}')
@@ -74,15 +82,20 @@ def input_rows(suite: str, smoke: bool, device, providers):
     return rows, source
 
 
-def run_suite(smoke: bool, device: torch.device, providers, progress=None):
+def run_suite(smoke: bool, device: torch.device, providers, progress=None,
+              run_missing: bool = True):
     """Entry used by benchmarks/run.py (CPU only; ``device`` is passed to
     the input suites).  The reference is always modelled (the gate needs
-    it); ``fast`` brings ``fast_recompute``."""
+    it); ``fast`` brings ``fast_recompute``.  ``run_missing=False`` models
+    stored rows only and raises when there are none."""
     providers = set(providers) | {'reference'}
     if 'fast' in providers:
         providers.add('fast_recompute')
-    got = {s: input_rows(s, smoke, device, sorted(providers))
+    got = {s: input_rows(s, smoke, device, sorted(providers), run_missing)
            for s in INPUT_SUITES}
+    missing = [src for rows, src in got.values() if rows is None]
+    if missing:
+        raise RuntimeError('; '.join(missing))
     source = '; '.join(f'{s}: {src}' for s, (_, src) in got.items())
     rows = perf_model.model(got['static'][0], got['traffic'][0])
     rows = [r for r in rows if r['provider'] in providers]
