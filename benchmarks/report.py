@@ -55,14 +55,20 @@ def _case(r):
     return ' '.join(parts)
 
 
+def _is_gpu_run(run: dict) -> bool:
+    return not str(run['meta'].get('device', 'cpu')).startswith('cpu')
+
+
 def latest_tables(results_dir: str = common.RESULTS_DIR,
                   include_smoke: bool = False) -> str:
-    """Markdown of the newest run in each results file (for the README)."""
+    """Markdown of the newest GPU run in each results file (for the README;
+    CPU instrument runs go to :func:`instrument_tables`)."""
     chunks = []
     for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
         with open(path) as f:
             runs = json.load(f)
-        runs = [r for r in runs if include_smoke or not r['meta'].get('smoke')]
+        runs = [r for r in runs if _is_gpu_run(r) and (
+            include_smoke or not r['meta'].get('smoke'))]
         if not runs:
             continue
         md = os.path.splitext(path)[0] + '.md'
@@ -71,17 +77,63 @@ def latest_tables(results_dir: str = common.RESULTS_DIR,
     return '\n'.join(chunks) or '_No GPU results committed yet._\n'
 
 
-def update_readme(readme: str, results_dir: str = common.RESULTS_DIR) -> bool:
-    """Replace the README block between the results markers with the latest
-    committed (non-smoke) tables.  Returns True when the file changed."""
-    begin, end = '<!-- results:begin -->', '<!-- results:end -->'
-    with open(readme) as f:
-        text = f.read()
+INSTRUMENT_SUITES = ('static', 'traffic', 'memory', 'model')
+
+
+def instrument_tables(results_dir: str = common.RESULTS_DIR) -> str:
+    """Each CPU instrument suite's summary (its ``summary_markdown``) from
+    the newest non-smoke run holding its rows, with that run's commit and
+    source digest -- model and compiler output, not GPU measurements."""
+    import importlib
+    newest = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
+        with open(path) as f:
+            runs = json.load(f)
+        for run in runs:
+            m = run['meta']
+            if _is_gpu_run(run) or m.get('smoke'):
+                continue
+            for suite in INSTRUMENT_SUITES:
+                rows = [r for r in run['rows'] if r.get('suite') == suite]
+                stamp = m.get('timestamp') or ''
+                if rows and stamp >= newest.get(suite, ('',))[0]:
+                    newest[suite] = (stamp, rows, m, os.path.basename(path))
+    chunks = []
+    for suite in INSTRUMENT_SUITES:
+        if suite not in newest:
+            continue
+        stamp, rows, m, name = newest[suite]
+        mod = importlib.import_module(f'benchmarks.bench_{suite}')
+        body = mod.summary_markdown(rows).strip() + '\n'
+        if suite == 'memory':  # its summary is the legend; the numbers:
+            body += '\n' + common.markdown_table(
+                [r for r in rows if r.get('model') != 'block'],
+                mod.COLUMNS) + '\n'
+        chunks.append(
+            f"#### {suite} ({name}, commit {m.get('commit')}, sources "
+            f"{m.get('source_digest')}, {stamp})\n\n" + body)
+    return '\n'.join(chunks) or '_No instrument results committed yet._\n'
+
+
+def _replace_block(text: str, marker: str, body: str, readme: str) -> str:
+    begin, end = f'<!-- {marker}:begin -->', f'<!-- {marker}:end -->'
     if begin not in text or end not in text:
         raise ValueError(f'{readme} has no {begin} ... {end} block')
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    new = head + begin + '\n' + latest_tables(results_dir) + end + tail
+    return head + begin + '\n' + body + end + tail
+
+
+def update_readme(readme: str, results_dir: str = common.RESULTS_DIR) -> bool:
+    """Replace the README blocks between the results markers (GPU runs) and
+    the instrument markers (CPU suites) with the latest committed
+    (non-smoke) tables.  Returns True when the file changed."""
+    with open(readme) as f:
+        text = f.read()
+    new = _replace_block(text, 'results', latest_tables(results_dir), readme)
+    if '<!-- instrument:begin -->' in new:
+        new = _replace_block(new, 'instrument', instrument_tables(results_dir),
+                             readme)
     if new != text:
         with open(readme, 'w') as f:
             f.write(new)

@@ -121,7 +121,8 @@ def test_readme_results_block_generated_from_files(tmp_path):
     from benchmarks import common, report
     readme = tmp_path / 'README.md'
     readme.write_text('intro\n<!-- results:begin -->\nold\n'
-                      '<!-- results:end -->\noutro\n')
+                      '<!-- results:end -->\n<!-- instrument:begin -->\n'
+                      'old2\n<!-- instrument:end -->\noutro\n')
     results = tmp_path / 'results'
     path = str(results / 'NVIDIA-H200-2026-11-28.json')
     common.append_results(path, dict(device='NVIDIA H200', smoke=False),
@@ -129,10 +130,22 @@ def test_readme_results_block_generated_from_files(tmp_path):
     (results / 'NVIDIA-H200-2026-11-28.md').write_text('| table |\n')
     common.append_results(str(results / 'cpu-2026-11-28.json'),
                           dict(device='cpu', smoke=True), [])
+    # a CPU instrument run (non-smoke): its summary goes to its own block
+    common.append_results(
+        str(results / 'cpu-instrument-2026-11-28.json'),
+        dict(device='cpu-x86_64-2cores', smoke=False, commit='abc',
+             source_digest='d1g', timestamp='2026-11-28T10:00:00'),
+        [dict(suite='memory', bench='memory', model='v2b', provider='fast',
+              saved_MiB=123.0)])
     assert report.update_readme(str(readme), str(results))
     text = readme.read_text()
     assert 'NVIDIA-H200-2026-11-28.json' in text and '| table |' in text
     assert 'cpu-2026-11-28' not in text and 'old' not in text
+    gpu_block = text.split('<!-- results:end -->')[0]
+    inst_block = text.split('<!-- instrument:begin -->')[1]
+    assert 'cpu-instrument' not in gpu_block
+    assert 'FakeTensorMode' in inst_block and '123' in inst_block
+    assert 'commit abc' in inst_block and 'd1g' in inst_block
     assert text.startswith('intro\n') and text.endswith('outro\n')
     assert not report.update_readme(str(readme), str(results))
 
