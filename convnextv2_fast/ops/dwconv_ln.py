@@ -413,14 +413,22 @@ def launch_config(kernel: str, N: int, H: int, W: int, C: int,
     if gpu is None:
         gpu = use_gpu_config()
     return _launch_config(kernel, int(N), int(H), int(W), int(C), dtype,
-                          bool(gpu))
+                          bool(gpu), _tunables())
+
+
+def _tunables():
+    """The module constants a config depends on (part of the cache key, so
+    a test that changes one gets a fresh config)."""
+    return (_MIN_PROGRAMS, _I64_ELEMS, _WGRAD_PIXELS_PER_PROG,
+            _WGRAD_MIN_PROGRAMS, _WGRAD_MAX_G_INTERP)
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_config(kernel, N, H, W, C, dtype, gpu) -> LaunchConfig:
+def _launch_config(kernel, N, H, W, C, dtype, gpu, tunables) -> LaunchConfig:
     """:func:`launch_config` after the GPU/interpreter choice; cached (it runs
     on every call), so the returned config is shared: derive variants with
-    ``dataclasses.replace``, never mutate it."""
+    ``dataclasses.replace``, never mutate it.  ``tunables``: cache key only
+    (the body reads the same module constants)."""
     for TH, TW, BC, warps, stages in (_GPU_TILES if gpu else
                                       _INTERP_TILES)[kernel]:
         if BC is None:
