@@ -83,10 +83,13 @@ INSTRUMENT_SUITES = ('static', 'traffic', 'memory', 'model')
 def instrument_tables(results_dir: str = common.RESULTS_DIR) -> str:
     """Each CPU instrument suite's summary (its ``summary_markdown``) from
     the newest non-smoke run holding its rows, with that run's commit and
-    source digest -- model and compiler output, not GPU measurements."""
+    source digest -- model and compiler output, not GPU measurements.
+    ``*-before-*`` files (an earlier kernel generation) are left out."""
     import importlib
     newest = {}
     for path in sorted(glob.glob(os.path.join(results_dir, '*.json'))):
+        if '-before-' in os.path.basename(path):
+            continue  # kept for the record: an earlier kernel generation
         with open(path) as f:
             runs = json.load(f)
         for run in runs:
