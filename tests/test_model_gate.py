@@ -1,9 +1,8 @@
 """Issue 8 section 3: the modelled V2-B backbone forward+backward (1024^2,
 N=2, bf16 autocast, H100) of ``fast`` is at most 0.5x the modelled eager
 reference -- model, not a GPU measurement, from the real static and traffic
-suites' rows (benchmarks/bench_model.py).  Expected to fail until the
-depthwise kernels are rebuilt (issue 8 section 2)."""
-import pytest
+suites' rows (benchmarks/bench_model.py), committed for exactly the current
+sources."""
 import torch
 
 from benchmarks import bench_model, perf_model
@@ -19,10 +18,6 @@ def _rows():
                                  ['reference', 'fast'], run_missing=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'issue 8 gate not met yet: the full traffic rows of the current kernels '
-    'were not committed this session (the suite needs ~35 min on 2 cores); '
-    'strict: once fresh rows pass the gate, remove this mark'))
 def test_modelled_backbone_fast_at_most_half_of_reference_h100():
     rows = _rows()
     ok, ratio, text = perf_model.gate(rows)
