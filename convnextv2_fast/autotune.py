@@ -1,5 +1,10 @@
 """The measured ``impl='auto'`` choice: fused or reference, per block shape.
 
+Paths: ``'reference'``, ``'triton'`` (the fused block with cuBLAS GEMMs) and
+``'triton_mlp'`` (the fused block with the Triton GEMMs of
+:mod:`convnextv2_fast.ops.mlp_gemm`); the two fused MLPs are both timed
+unless the block (``fused_mlp``) or ``CONVNEXTV2_FAST_MLP`` fixes one.
+
 ``impl='auto'`` must never make a user's training slower than the reference.
 On first use per (GPU, block shape, dtypes, training/inference) a block is
 timed both ways on random data of the same shape, dtype and memory format
@@ -38,7 +43,10 @@ from .version import __version__
 TUNE_ENV = 'CONVNEXTV2_FAST_AUTOTUNE'
 CACHE_DIR_ENV = 'CONVNEXTV2_FAST_CACHE_DIR'
 CACHE_FILE = 'impl_choice.json'
-_FORMAT = 1  # bump when the key or the timing protocol changes
+_FORMAT = 2  # bump when the key or the timing protocol changes
+# path name -> the fused block's MLP (what ConvNeXtV2Block._use_fused returns)
+PATH_MLP = {'triton': 'cublas', 'triton_mlp': 'triton'}
+MLP_PATH = {v: k for k, v in PATH_MLP.items()}
 
 _LOCK = threading.Lock()
 _MEMORY: Dict[str, Dict[str, dict]] = {}  # device name -> key -> entry
@@ -117,7 +125,7 @@ def block_key(block, x: torch.Tensor, compute_dtype: torch.dtype,
     """The cache key: channels, pixel bucket, dtypes, memory format, layer
     scale, recompute, mode, and the versions whose kernels were timed (a new
     package, Triton or torch version times again)."""
-    from .ops.fused_block import recompute_enabled
+    from .ops.fused_block import mlp_for, recompute_enabled
     N, C, H, W = x.shape
     cl = x.is_contiguous(memory_format=torch.channels_last) and \
         not x.is_contiguous()
@@ -126,6 +134,7 @@ def block_key(block, x: torch.Tensor, compute_dtype: torch.dtype,
             f'cd:{_dtype_name(compute_dtype)}-p:{params}-'
             f'{"nhwc" if cl else "nchw"}-ls:{int(block.gamma is not None)}-'
             f'rc:{int(recompute_enabled(block))}-'
+            f'mlp:{mlp_for(block) or "any"}-'
             f'{"train" if training else "infer"}-'
             f'v{__version__}-triton{_triton_version()}-torch{torch.__version__}'
             f'-f{_FORMAT}')
@@ -181,12 +190,15 @@ def cached_choices(device: Optional[str] = None) -> Dict[str, Dict[str, dict]]:
 
 
 def _time_path(block, x, path: str, training: bool) -> float:
-    """Milliseconds of one block call on ``path`` ('triton'|'reference');
-    inf when the path fails."""
+    """Milliseconds of one block call on ``path`` (a :data:`PATH_MLP` key
+    or 'reference'); inf when the path fails."""
     params = [p for p in block.parameters() if p.requires_grad]
     xin = torch.randn_like(x).requires_grad_(training)
-    run = block._fused_forward if path == 'triton' else \
-        block._reference_forward
+    if path == 'reference':
+        run = block._reference_forward
+    else:
+        def run(t):
+            return block._fused_forward(t, mlp=PATH_MLP[path])
 
     def step():
         out = run(xin)
@@ -208,7 +220,9 @@ def _time_path(block, x, path: str, training: bool) -> float:
 
 def choose(block, x: torch.Tensor, compute_dtype: torch.dtype,
            training: bool) -> str:
-    """'triton' or 'reference' for ``block`` on inputs like ``x``."""
+    """The fastest path ('triton', 'triton_mlp' or 'reference') for
+    ``block`` on inputs like ``x``."""
+    from .ops.fused_block import mlp_for
     dev = device_name(x.device)
     key = block_key(block, x, compute_dtype, training)
     with _LOCK:
@@ -221,18 +235,26 @@ def choose(block, x: torch.Tensor, compute_dtype: torch.dtype,
         # not timed: disabled, tracing, or inside saved-tensor hooks (e.g.
         # activation checkpointing or offloading: the timing graph must not
         # go through them); the fused path, nothing cached
-        return 'triton'
+        return MLP_PATH[mlp_for(block) or 'cublas']
+    fixed = mlp_for(block)
+    fused_paths = [MLP_PATH[fixed]] if fixed else ['triton', 'triton_mlp']
     devices = [x.device] if x.device.type == 'cuda' else []
+    times = {}
     with torch.random.fork_rng(devices=devices):
-        fused_ms = _time_path(block, x, 'triton', training)
-        ref_ms = _time_path(block, x, 'reference', training)
-    choice = 'triton' if fused_ms <= ref_ms else 'reference'
-    if fused_ms == float('inf') and ref_ms == float('inf'):
+        for path in fused_paths + ['reference']:
+            times[path] = _time_path(block, x, path, training)
+    # ties go to the earlier path: the fused cuBLAS path, then the Triton MLP
+    order = list(times)
+    choice = min(times, key=lambda p: (times[p], order.index(p)))
+    if all(t == float('inf') for t in times.values()):
         choice = 'reference'
+    fused_ms = min(times[p] for p in fused_paths)
+    ref_ms = times['reference']
     entry = dict(choice=choice, fused_ms=fused_ms, reference_ms=ref_ms,
-                 shape=list(x.shape))
+                 shape=list(x.shape),
+                 times_ms={p: times[p] for p in fused_paths})
     with _LOCK:
-        if fused_ms == float('inf') or ref_ms == float('inf'):
+        if any(t == float('inf') for t in times.values()):
             # a failure (e.g. a transient OOM) decides this process only
             _MEMORY.setdefault(dev, {})[key] = entry
         else:

@@ -18,20 +18,23 @@ class FakeTimer:
     """Runs ``fn`` once (so both paths execute) and returns a scripted time:
     the fused path is recognised by the Triton launches it makes."""
 
-    def __init__(self, fused_ms, reference_ms):
-        self.times = dict(triton=fused_ms, reference=reference_ms)
+    def __init__(self, fused_ms, reference_ms, mlp_ms=None):
+        self.times = dict(triton=fused_ms, reference=reference_ms,
+                          triton_mlp=fused_ms + 1 if mlp_ms is None
+                          else mlp_ms)
         self.calls = []
 
     def __call__(self, fn, device):
         import convnextv2_fast.ops.fused_block as fb
         seen = []
         real = fb.fused_block
-        fb.fused_block = lambda *a, **k: seen.append(1) or real(*a, **k)
+        fb.fused_block = lambda *a, **k: seen.append(k['mlp']) or real(*a,
+                                                                     **k)
         try:
             fn()
         finally:
             fb.fused_block = real
-        path = 'triton' if seen else 'reference'
+        path = autotune.MLP_PATH[seen[0]] if seen else 'reference'
         self.calls.append(path)
         return self.times[path]
 
@@ -61,28 +64,49 @@ def _x(N=2, C=8, H=5, W=7):
         memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize('fused_ms,ref_ms,want', [(1.0, 2.0, 'triton'),
-                                                  (3.0, 2.0, 'reference')])
+@pytest.mark.parametrize('fused_ms,ref_ms,mlp_ms,want', [
+    (1.0, 2.0, 3.0, 'triton'), (3.0, 2.0, 4.0, 'reference'),
+    (3.0, 2.0, 1.5, 'triton_mlp')])
 def test_choice_follows_the_timer_and_is_cached(tuner, fused_ms, ref_ms,
-                                                want):
-    timer = FakeTimer(fused_ms, ref_ms)
+                                                mlp_ms, want):
+    timer = FakeTimer(fused_ms, ref_ms, mlp_ms)
     autotune.set_timer(timer)
     block, x = _block(), _x()
     assert autotune.choose(block, x, torch.float32, training=True) == want
-    assert sorted(timer.calls) == ['reference', 'triton']
+    assert sorted(timer.calls) == ['reference', 'triton', 'triton_mlp']
     # cached in memory: no second timing
     assert autotune.choose(block, x, torch.float32, training=True) == want
-    assert len(timer.calls) == 2
+    assert len(timer.calls) == 3
     # cached on disk: a new process (memory cleared) does not time again
     autotune.clear_memory_cache()
     assert autotune.choose(block, x, torch.float32, training=True) == want
-    assert len(timer.calls) == 2
+    assert len(timer.calls) == 3
     with open(os.path.join(tuner, autotune.CACHE_FILE)) as f:
         data = json.load(f)
     (entry, ) = data['cpu'].values()
     assert entry['choice'] == want
-    assert (entry['fused_ms'], entry['reference_ms']) == (fused_ms, ref_ms)
+    assert (entry['fused_ms'], entry['reference_ms']) == (
+        min(fused_ms, mlp_ms), ref_ms)
+    assert entry['times_ms'] == dict(triton=fused_ms, triton_mlp=mlp_ms)
     assert want in autotune.describe()
+
+
+@pytest.mark.parametrize('fixed', ['cublas', 'triton'])
+@pytest.mark.parametrize('how', ['attribute', 'env'])
+def test_a_fixed_mlp_is_the_only_fused_path_timed(tuner, monkeypatch, fixed,
+                                                  how):
+    timer = FakeTimer(1.0, 5.0, 0.5)
+    autotune.set_timer(timer)
+    block = _block()
+    if how == 'attribute':
+        block.fused_mlp = fixed
+    else:
+        monkeypatch.setenv('CONVNEXTV2_FAST_MLP', fixed)
+    choice = autotune.choose(block, _x(), torch.float32, training=True)
+    assert choice == autotune.MLP_PATH[fixed]
+    assert sorted(timer.calls) == sorted(['reference', choice])
+    (key, ) = autotune.cached_choices('cpu')['cpu']
+    assert f'mlp:{fixed}' in key
 
 
 def test_keys_separate_size_bucket_dtype_and_mode(tuner):
@@ -93,10 +117,10 @@ def test_keys_separate_size_bucket_dtype_and_mode(tuner):
     autotune.choose(block, _x(), torch.float32, training=False)
     autotune.choose(block, _x(H=10), torch.float32, training=False)
     autotune.choose(block, _x(), torch.float16, training=False)
-    assert len(timer.calls) == 8
+    assert len(timer.calls) == 12
     # same pixel bucket (2*6*7 = 84 and 2*5*7 = 70 -> 128): no new timing
     autotune.choose(block, _x(H=6), torch.float32, training=False)
-    assert len(timer.calls) == 8
+    assert len(timer.calls) == 12
     keys = autotune.cached_choices('cpu')['cpu']
     assert len(keys) == 4
     import triton
@@ -163,7 +187,7 @@ def test_a_failing_path_loses(tuner, monkeypatch):
     autotune.set_timer(autotune._cuda_event_timer)  # the real timer, host clock
     block = _block()
 
-    def broken(x):
+    def broken(x, mlp=None):
         raise RuntimeError('kernel launch failed')
 
     monkeypatch.setattr(block, '_fused_forward', broken)

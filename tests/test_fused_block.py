@@ -29,11 +29,17 @@ def make_block(C, ls=0., drop=0., linear_pw_conv=True, seed=0):
     return blk
 
 
-def variant(blk, dtype, impl, recompute=False):
+def variant(blk, dtype, impl, recompute=False, mlp=None):
     b = copy.deepcopy(blk).to(dtype)
     b.impl = impl
     b.fused_recompute = recompute
+    b.fused_mlp = mlp
     return b
+
+
+# the fused block's two MLP paths (cuBLAS GEMMs + Triton passes; Triton GEMMs
+# with GELU/GRN/residual prologues and epilogues, ops/mlp_gemm.py)
+MLPS = pytest.mark.parametrize('mlp', ['cublas', 'triton'])
 
 
 def run(block, x, grad, seed=None, poison=False, autocast=None):
@@ -72,15 +78,17 @@ def block_input(N, C, H, W, dtype, seed=1):
 
 
 @pytest.mark.interpreter
+@MLPS
 @pytest.mark.parametrize('recompute', [False, True], ids=['save', 'recompute'])
 @pytest.mark.parametrize('ls', [0., 0.5], ids=['no_ls', 'ls'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-def test_block_parity(dtype, ls, recompute):
+def test_block_parity(dtype, ls, recompute, mlp):
     C, H, W = 24, 9, 13
     blk = make_block(C, ls=ls)
     x = block_input(2, C, H, W, dtype)
     grad = torch.randn(2, C, H, W)
-    cand = run(variant(blk, dtype, 'triton', recompute), x, grad, poison=True)
+    cand = run(variant(blk, dtype, 'triton', recompute, mlp), x, grad,
+               poison=True)
     same = run(variant(blk, dtype, 'reference'), x, grad)
     hi = run(variant(blk, torch.float64, 'reference'), x.double(), grad)
     for n, c, s, h in zip(names(blk), cand, same, hi):
@@ -103,7 +111,8 @@ def test_block_conv_pointwise_layers():
 
 
 @pytest.mark.interpreter
-def test_block_drop_path_same_seed_same_mask():
+@MLPS
+def test_block_drop_path_same_seed_same_mask(mlp):
     C, H, W, N = 8, 5, 6, 6
     blk = make_block(C, ls=0.5, drop=0.5)
     blk.train()
@@ -115,8 +124,8 @@ def test_block_drop_path_same_seed_same_mask():
     assert 0 < mask.sum() < N, 'seed must drop some samples and keep others'
     ref = run(variant(blk, torch.float32, 'reference'), x, grad, seed=seed)
     for recompute in (False, True):
-        cand = run(variant(blk, torch.float32, 'triton', recompute), x, grad,
-                   seed=seed)
+        cand = run(variant(blk, torch.float32, 'triton', recompute, mlp), x,
+                   grad, seed=seed)
         for n, c, r in zip(names(blk), cand, ref):
             torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4, msg=n)
     # dropped samples: the block is the identity there
@@ -125,7 +134,8 @@ def test_block_drop_path_same_seed_same_mask():
 
 
 @pytest.mark.interpreter
-def test_block_zero_grn_channel_finite():
+@MLPS
+def test_block_zero_grn_channel_finite(mlp):
     C, H, W = 8, 5, 7
     blk = make_block(C)
     with torch.no_grad():  # hidden channel 5 is exactly 0: G = 0 there
@@ -133,7 +143,7 @@ def test_block_zero_grn_channel_finite():
         blk.pointwise_conv1.bias[5] = 0.
     x = block_input(2, C, H, W, torch.float32)
     grad = torch.randn(2, C, H, W)
-    cand = run(variant(blk, torch.float32, 'triton'), x, grad)
+    cand = run(variant(blk, torch.float32, 'triton', mlp=mlp), x, grad)
     ref = run(variant(blk, torch.float64, 'reference'), x.double(), grad)
     for n, c, r in zip(names(blk), cand, ref):
         assert torch.isfinite(c).all(), n
@@ -142,7 +152,8 @@ def test_block_zero_grn_channel_finite():
 
 
 @pytest.mark.interpreter
-def test_block_autocast_fp16_cpu():
+@MLPS
+def test_block_autocast_fp16_cpu(mlp):
     """fp32 params + fp32 stream under fp16 autocast: fp32 output, parity
     with the reference's own autocast error."""
     C, H, W = 8, 7, 9
@@ -154,7 +165,7 @@ def test_block_autocast_fp16_cpu():
                    autocast=torch.float16)
     except RuntimeError as exc:  # pragma: no cover - old CPU autocast
         pytest.skip(f'CPU fp16 autocast unsupported here: {exc}')
-    cand = run(variant(blk, torch.float32, 'triton'), x, grad,
+    cand = run(variant(blk, torch.float32, 'triton', mlp=mlp), x, grad,
                autocast=torch.float16)
     hi = run(variant(blk, torch.float64, 'reference'), x.double(), grad)
     for n, c, s, h in zip(names(blk), cand, same, hi):
@@ -229,12 +240,15 @@ def _backbone_run(m, x, grads, seed=None):
 
 
 @pytest.mark.interpreter
+@MLPS
 @pytest.mark.parametrize('train', [False, True], ids=['eval', 'train_drop'])
-def test_backbone_triton_vs_reference(train):
+def test_backbone_triton_vs_reference(train, mlp):
     x = torch.randn(2, 3, 40, 56)
     drop = 0.5 if train else 0.
     ref_m, tri_m = _backbone('reference', drop), _backbone('triton', drop)
     tri_m.load_state_dict(ref_m.state_dict())
+    for blk in tri_m.blocks():
+        blk.fused_mlp = mlp
     ref_m.train(train)
     tri_m.train(train)
     grads = [torch.randn(2, 8, 10, 14), torch.randn(2, 16, 5, 7)]

@@ -84,17 +84,24 @@ class ConvNeXtV2Block(nn.Module):
         return self._inner_forward(x, fused)
 
     def _inner_forward(self, x, fused):
-        return self._fused_forward(x) if fused else self._reference_forward(x)
+        return (self._fused_forward(x, mlp=fused) if fused
+                else self._reference_forward(x))
 
-    def _use_fused(self, x) -> bool:
-        """The path for ``x``: ``resolve_impl``, then for ``impl='auto'`` on
-        CUDA the dtype check (fp64 falls back instead of raising) and the
-        measured choice of :mod:`convnextv2_fast.autotune`."""
+    def _use_fused(self, x):
+        """The path for ``x``: False (reference) or the fused path's MLP
+        (``'cublas'`` / ``'triton'``, see
+        :func:`convnextv2_fast.ops.fused_block.mlp_for`).  ``resolve_impl``
+        first, then for ``impl='auto'`` on CUDA the dtype check (fp64 falls
+        back instead of raising) and the measured choice of
+        :mod:`convnextv2_fast.autotune` (which also picks the MLP unless the
+        block or the environment fixes it)."""
+        from ..ops.fused_block import mlp_for
         if not (self.fused_supported()
                 and resolve_impl(self.impl, x.device) == 'triton'):
             return False
         if effective_impl(self.impl) != 'auto' or x.device.type != 'cuda':
-            return True  # 'triton' forced (interpreter included): no tuning
+            # 'triton' forced (interpreter included): no tuning
+            return mlp_for(self) or 'cublas'
         if x.dtype not in FUSED_DTYPES:
             return False
         from ..ops.gelu_grn import MAX_HIDDEN_PER_SAMPLE
@@ -105,12 +112,12 @@ class ConvNeXtV2Block(nn.Module):
         from ..ops.fused_block import compute_dtype_for
         training = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return autotune.choose(self, x, compute_dtype_for(x),
-                               training) == 'triton'
+        return autotune.PATH_MLP.get(
+            autotune.choose(self, x, compute_dtype_for(x), training), False)
 
-    def _fused_forward(self, x):
+    def _fused_forward(self, x, mlp=None):
         from ..ops.fused_block import fused_block_module_forward
-        return fused_block_module_forward(self, x)
+        return fused_block_module_forward(self, x, mlp=mlp)
 
     def _reference_forward(self, x):
         shortcut = x

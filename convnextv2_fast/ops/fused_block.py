@@ -64,11 +64,16 @@ from torch import Tensor
 from .._errors import ArgumentError
 from ._common import check_tensor
 from .dwconv_ln import dwconv_ln_backward, dwconv_ln_forward
-from .gelu_grn import grn_pw2_backward, grn_pw2_forward
+from .gelu_grn import (grn_bwd_apply, grn_pw2_backward, grn_pw2_forward,
+                       grn_stats, grn_stats_backward, w2_fold)
+from .mlp_gemm import (dv_backward, dw2_backward, pw1_forward,
+                       pw2_residual_forward)
 from .layer_scale_residual import scale_residual_forward
 from .reference import GRN_EPS, LN_EPS, drop_path_mask
 
 RECOMPUTE_ENV = 'CONVNEXTV2_FAST_RECOMPUTE'
+MLP_ENV = 'CONVNEXTV2_FAST_MLP'
+MLPS = ('cublas', 'triton')
 
 
 # --------------------------------------------------------------------------
@@ -114,9 +119,26 @@ def mm_f32(a, b):
     return torch.mm(a, b).float()
 
 
+def _check_mlp_choice(mlp):
+    if mlp not in MLPS:
+        raise ArgumentError(f'mlp must be one of {MLPS}, got {mlp!r}.')
+
+
+def _pw1(z, w1c, b1, cd, mlp, sumsq):
+    """pw1 of (N, H, W, C) ``z`` -> ``(h (N, HW, K), S or None)``: cuBLAS
+    (``S`` from :func:`.gelu_grn.grn_pw2_forward` later, None here) or the
+    Triton GEMM with the GELU sum-of-squares epilogue."""
+    N, H, W, C = z.shape
+    if mlp == 'triton':
+        return pw1_forward(z.view(N, H * W, C), w1c, b1, sumsq=sumsq)
+    K = w1c.shape[0]
+    return F.linear(z.view(-1, C), w1c, _cast_weight(b1, cd)).view(
+        N, H * W, K), None
+
+
 def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
                         b2, r, ln_eps=LN_EPS, grn_eps=GRN_EPS,
-                        compute_dtype=None, save=True):
+                        compute_dtype=None, save=True, mlp='cublas'):
     """Forward of one block on an (N, H, W, C) contiguous ``x``.
 
     ``r`` (N, C) fp32: layer scale x drop-path keep scale.  Returns
@@ -126,21 +148,34 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
     in place of the weights) only in ``save`` mode, only when the cast is a
     real copy (weight dtype != compute dtype) and only while each weight has
     at most E/4 elements; empty otherwise.
+
+    ``mlp``: ``'cublas'`` (torch GEMMs, Triton GELU/GRN passes, the GRN
+    folded into a per-sample W2) or ``'triton'`` (:mod:`.mlp_gemm`: GEMMs
+    with GELU, GRN and the residual in their prologues/epilogues).
     """
     N, H, W, C, K = _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1,
                                       gamma, beta, w2, b2, r)
+    _check_mlp_choice(mlp)
     cd = compute_dtype or x.dtype
     with torch.autocast(x.device.type, enabled=False):
         z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b, ln_eps,
                                           out_dtype=cd)
         w1c = _cast_weight(w1, cd)
-        h = F.linear(z.view(-1, C), w1c, _cast_weight(b1, cd)).view(
-            N, H * W, K)
+        h, S = _pw1(z, w1c, b1, cd, mlp, sumsq=True)
         keep_w2 = keep_cast(x, w2, cd, save)
-        a, bias2, S, w2c = grn_pw2_forward(h, gamma, beta, w2, b2, grn_eps,
-                                           keep_w2=keep_w2)
-        out = scale_residual_forward(a, r.detach(), x.view(N, H * W, C),
-                                     out_dtype=x.dtype, bias=bias2)
+        if mlp == 'triton':
+            _, _, _, scale = grn_stats(S, gamma, grn_eps)
+            # one pass over W2: its cast (when needed) and W2 beta
+            _, wb, w2c = w2_fold(w2.detach(), scale[:0], beta.detach(), cd,
+                                 keep_w2=w2.dtype != cd)
+            w2c = w2.detach() if w2c is None else w2c
+            out = pw2_residual_forward(h, scale, w2c, wb + b2.detach().float(),
+                                       r.detach(), x.view(N, H * W, C))
+        else:
+            a, bias2, S, w2c = grn_pw2_forward(h, gamma, beta, w2, b2,
+                                               grn_eps, keep_w2=keep_w2)
+            out = scale_residual_forward(a, r.detach(), x.view(N, H * W, C),
+                                         out_dtype=x.dtype, bias=bias2)
     out = out.view(N, H, W, C)
     empty = x.new_empty((0, ), dtype=cd)
     w1c = w1c if keep_cast(x, w1, cd, save) else empty.clone()
@@ -167,10 +202,28 @@ def backward_inputs(args, fwd_out):
             w2c if w2c.numel() else w2, b2, r)
 
 
+def _mlp_backward_triton(dout, r, h, S, gamma, beta, w2, b2, eps, need_dr,
+                         w2c):
+    """:func:`.gelu_grn.grn_pw2_backward`'s contract on the Triton GEMMs of
+    :mod:`.mlp_gemm`: ``dv`` with the ``sum_p dv*u`` and ``sum_p dout``
+    partials in its epilogue, the GELU/GRN apply (with ``db1``), and the W2
+    grads in one pixel-reducing GEMM (``u`` recomputed in its prologue)."""
+    dv, R, colsum = dv_backward(dout, r, w2c, h)
+    G, D, Nx, scale = grn_stats(S, gamma, eps)
+    dgamma, t = grn_stats_backward(R, G, D, Nx, gamma)
+    dh, db1 = grn_bwd_apply(h, dv, scale, t)
+    del dv
+    db2 = (r * colsum).sum(0)
+    dw2, dbeta, drw = dw2_backward(dout, r, h, scale, w2.detach(),
+                                   beta.detach(), db2, colsum, need_dr)
+    dr = drw + b2.detach().float()[None, :] * colsum if need_dr else None
+    return dh, db1, dgamma, dbeta, dw2, db2, dr
+
+
 def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
                          w1, b1, gamma, beta, w2, b2, r, ln_eps=LN_EPS,
                          grn_eps=GRN_EPS, compute_dtype=None, save=True,
-                         need_dr=True):
+                         need_dr=True, mlp='cublas'):
     """All grads of :func:`fused_block_forward` (fp32 weight grads):
     ``(dx, d_dw_w, d_dw_b, d_ln_w, d_ln_b, d_w1, d_b1, d_gamma, d_beta, d_w2,
     d_b2, d_r)``; ``d_r`` is empty unless ``need_dr``.  ``w1``/``w2`` may be
@@ -179,6 +232,7 @@ def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
     N, H, W, C, K = _check_block_args(x, dw_w, dw_b, ln_w, ln_b, w1, b1,
                                       gamma, beta, w2, b2, r)
     check_tensor(dout, 'dout', shape=tuple(x.shape))
+    _check_mlp_choice(mlp)
     cd = compute_dtype or x.dtype
     M = N * H * W
     with torch.autocast(x.device.type, enabled=False):
@@ -186,11 +240,15 @@ def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
         if not save:
             z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b,
                                               ln_eps, out_dtype=cd)
-            h = F.linear(z.view(-1, C), w1c, _cast_weight(b1, cd)).view(
-                N, H * W, K)
-        dh, db1, dgamma, dbeta, dw2, db2, dr = grn_pw2_backward(
-            dout.view(N, H * W, C), r.detach(), h, S, gamma, beta, w2, b2,
-            grn_eps, need_dr=need_dr, w2c=_cast_weight(w2, cd))
+            h, _ = _pw1(z, w1c, b1, cd, mlp, sumsq=False)
+        if mlp == 'triton':
+            dh, db1, dgamma, dbeta, dw2, db2, dr = _mlp_backward_triton(
+                dout.view(N, H * W, C), r.detach(), h, S, gamma, beta, w2,
+                b2, grn_eps, need_dr, _cast_weight(w2, cd))
+        else:
+            dh, db1, dgamma, dbeta, dw2, db2, dr = grn_pw2_backward(
+                dout.view(N, H * W, C), r.detach(), h, S, gamma, beta, w2,
+                b2, grn_eps, need_dr=need_dr, w2c=_cast_weight(w2, cd))
         dh2 = dh.view(M, K)
         dz = torch.mm(dh2, w1c)
         dw1 = mm_f32(dh2.t(), z.view(M, C))
@@ -215,15 +273,17 @@ def _block_fwd_op(x: Tensor, dw_w: Tensor, dw_b: Tensor, ln_w: Tensor,
                   ln_b: Tensor, w1: Tensor, b1: Tensor, gamma: Tensor,
                   beta: Tensor, w2: Tensor, b2: Tensor, r: Tensor,
                   ln_eps: float, grn_eps: float, compute_dtype: torch.dtype,
-                  save: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                       Tensor, Tensor, Tensor]:
+                  save: bool, mlp: str) -> Tuple[Tensor, Tensor, Tensor,
+                                                 Tensor, Tensor, Tensor,
+                                                 Tensor, Tensor]:
     return fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta,
-                               w2, b2, r, ln_eps, grn_eps, compute_dtype, save)
+                               w2, b2, r, ln_eps, grn_eps, compute_dtype, save,
+                               mlp)
 
 
 @_block_fwd_op.register_fake
 def _(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
-      grn_eps, compute_dtype, save):
+      grn_eps, compute_dtype, save, mlp):
     N, H, W, C = x.shape
     K = w1.shape[0]
     f32 = torch.float32
@@ -249,16 +309,16 @@ def _block_bwd_op(dout: Tensor, x: Tensor, z: Tensor, h: Tensor, mean: Tensor,
                   gamma: Tensor, beta: Tensor, w2: Tensor, b2: Tensor,
                   r: Tensor, ln_eps: float, grn_eps: float,
                   compute_dtype: torch.dtype, save: bool,
-                  need_dr: bool) -> List[Tensor]:
+                  need_dr: bool, mlp: str) -> List[Tensor]:
     return list(fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b,
                                      ln_w, ln_b, w1, b1, gamma, beta, w2, b2,
                                      r, ln_eps, grn_eps, compute_dtype, save,
-                                     need_dr))
+                                     need_dr, mlp))
 
 
 @_block_bwd_op.register_fake
 def _(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
-      beta, w2, b2, r, ln_eps, grn_eps, compute_dtype, save, need_dr):
+      beta, w2, b2, r, ln_eps, grn_eps, compute_dtype, save, need_dr, mlp):
     f32 = torch.float32
     return [x.new_empty(x.shape)] + [
         t.new_empty(t.shape, dtype=f32)
@@ -275,34 +335,37 @@ class FusedBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r,
-                ln_eps, grn_eps, compute_dtype, save):
+                ln_eps, grn_eps, compute_dtype, save, mlp):
         out, z, h, mean, rstd, S, w1c, w2c = _block_fwd_op(
             x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r, ln_eps,
-            grn_eps, compute_dtype, save)
+            grn_eps, compute_dtype, save, mlp)
         ctx.save_for_backward(*backward_inputs(
             (x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r),
             (out, z, h, mean, rstd, S, w1c, w2c)))
         ctx.param_dtypes = [t.dtype for t in (dw_w, dw_b, ln_w, ln_b, w1, b1,
                                               gamma, beta, w2, b2, r)]
         ctx.cfg = (ln_eps, grn_eps, compute_dtype, save)
+        ctx.mlp = mlp
         return out
 
     @staticmethod
     def backward(ctx, dout):
         need_dr = bool(ctx.needs_input_grad[11])
         grads = _block_bwd_op(dout.contiguous(), *ctx.saved_tensors,
-                              *ctx.cfg, need_dr)
+                              *ctx.cfg, need_dr, ctx.mlp)
         grads = [grads[0]] + [g.to(dt) for g, dt in zip(grads[1:],
                                                         ctx.param_dtypes)]
         if not need_dr:
             grads[-1] = None
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def fused_block(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r,
                 ln_eps=LN_EPS, grn_eps=GRN_EPS, compute_dtype=None,
-                recompute=False):
-    """Functional fused block on an (N, H, W, C) contiguous ``x``."""
+                recompute=False, mlp='cublas'):
+    """Functional fused block on an (N, H, W, C) contiguous ``x``;
+    ``mlp``: ``'cublas'`` or ``'triton'`` (see :func:`fused_block_forward`)."""
+    _check_mlp_choice(mlp)
     cd = compute_dtype or x.dtype
     grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
@@ -310,7 +373,7 @@ def fused_block(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2, b2, r,
     return FusedBlockFunction.apply(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma,
                                     beta, w2, b2, r, float(ln_eps),
                                     float(grn_eps), cd,
-                                    bool(grad and not recompute))
+                                    bool(grad and not recompute), mlp)
 
 
 # --------------------------------------------------------------------------
@@ -325,15 +388,30 @@ def recompute_enabled(block) -> bool:
                                                                  'yes')
 
 
+def mlp_for(block):
+    """The MLP the block fixes: ``block.fused_mlp`` if set, else
+    ``CONVNEXTV2_FAST_MLP`` (``cublas`` | ``triton``), else None (then
+    ``impl='auto'`` measures both and ``impl='triton'`` uses ``cublas``, the
+    path whose speed the static/traffic suites and the model have judged
+    longest; ``triton`` is the fused-GEMM path of :mod:`.mlp_gemm`)."""
+    mlp = getattr(block, 'fused_mlp', None)
+    if mlp is None:
+        mlp = os.environ.get(MLP_ENV, '').strip().lower() or None
+    if mlp is not None:
+        _check_mlp_choice(mlp)
+    return mlp
+
+
 def compute_dtype_for(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
 
-def fused_block_module_forward(block, x: Tensor) -> Tensor:
+def fused_block_module_forward(block, x: Tensor, mlp=None) -> Tensor:
     """Run ``block`` (a :class:`ConvNeXtV2Block`) on NCHW ``x`` with the
-    fused ops; returns NCHW in channels_last memory format, dtype x.dtype."""
+    fused ops; returns NCHW in channels_last memory format, dtype x.dtype.
+    ``mlp``: the MLP path (default :func:`mlp_for`, else ``'cublas'``)."""
     if not torch.is_tensor(x) or x.dim() != 4:
         raise ArgumentError('x must be a 4-D (N, C, H, W) tensor, got '
                             f'{tuple(x.shape) if torch.is_tensor(x) else type(x)}.')
@@ -367,5 +445,6 @@ def fused_block_module_forward(block, x: Tensor) -> Tensor:
                       block.grn.gamma, block.grn.beta, w2,
                       block.pointwise_conv2.bias, r, ln_eps=block.norm.eps,
                       grn_eps=block.grn.eps, compute_dtype=cd,
-                      recompute=recompute_enabled(block))
+                      recompute=recompute_enabled(block),
+                      mlp=mlp or mlp_for(block) or 'cublas')
     return out.permute(0, 3, 1, 2)
