@@ -40,7 +40,9 @@ SUITE = 'static'
 # fast = save mode (V2: no layer scale); fast_recompute; fast_layer_scale =
 # save mode with a layer scale (ConvNeXt V1-style configs, layer_scale_init_
 # value > 0): r needs a grad, so the backward launches the dr variants
-PROVIDERS = ('fast', 'fast_recompute', 'fast_layer_scale')
+# value > 0): r needs a grad, so the backward launches the dr variants; the
+# fast_mlp* providers are the same three with the Triton-GEMM MLP
+PROVIDERS = tuple(shapes.FAST_PROVIDERS)
 PHASES = ('fwd', 'bwd')
 COLUMNS = ['suite', 'shape', 'provider', 'phase', 'kernel', 'config',
            'launches', 'programs', 'num_warps', 'num_stages', 'regs',
@@ -78,21 +80,23 @@ def capture_block(shape: shapes.BlockShape, provider: str) -> dict:
     from convnextv2_fast.ops.fused_block import (backward_inputs,
                                                  fused_block_backward,
                                                  fused_block_forward)
-    save = provider != 'fast_recompute'
-    need_dr = provider == 'fast_layer_scale'
+    cfg = shapes.FAST_PROVIDERS[provider]
+    save, need_dr, mlp = cfg['save'], cfg['need_dr'], cfg['mlp']
     t = block_inputs(shape)
     args = [t[k] for k in _ARGS]
     cd = shape.compute_dtype
     box = {}
 
     def fwd():
-        box['out'] = fused_block_forward(*args, compute_dtype=cd, save=save)
+        box['out'] = fused_block_forward(*args, compute_dtype=cd, save=save,
+                                         mlp=mlp)
 
     def bwd():
         dout = torch.empty_like(box['out'][0])
         # need_dr as training sets it: only with a layer scale
         fused_block_backward(dout, *backward_inputs(args, box['out']),
-                             compute_dtype=cd, save=save, need_dr=need_dr)
+                             compute_dtype=cd, save=save, need_dr=need_dr,
+                             mlp=mlp)
 
     return dict(fwd=sm90.capture_launches(fwd),
                 bwd=sm90.capture_launches(bwd))

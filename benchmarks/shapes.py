@@ -16,6 +16,19 @@ from dataclasses import dataclass
 
 import torch
 
+# The fused block configurations the static/traffic/model suites drive, by
+# provider name: save mode or recompute, the layer-scale grad (``need_dr``:
+# ConvNeXt V1-style configs with a layer scale) and the MLP path ('cublas':
+# torch GEMMs + Triton GELU/GRN passes; 'triton': ops/mlp_gemm.py).
+FAST_PROVIDERS = {
+    'fast': dict(save=True, need_dr=False, mlp='cublas'),
+    'fast_recompute': dict(save=False, need_dr=False, mlp='cublas'),
+    'fast_layer_scale': dict(save=True, need_dr=True, mlp='cublas'),
+    'fast_mlp': dict(save=True, need_dr=False, mlp='triton'),
+    'fast_mlp_recompute': dict(save=False, need_dr=False, mlp='triton'),
+    'fast_mlp_layer_scale': dict(save=True, need_dr=True, mlp='triton'),
+}
+
 V2B_DEPTHS = (3, 3, 27, 3)
 V2B_CHANNELS = (128, 256, 512, 1024)
 

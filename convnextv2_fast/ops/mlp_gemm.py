@@ -64,8 +64,10 @@ from ._common import check_same_device, check_tensor, next_pow2, use_gpu_config
 from .gelu_grn import check_hidden
 
 KERNELS = ('pw1', 'pw2', 'dv', 'dw2')
-# GPU programs wanted for the pixel-reducing dW2 GEMM (2 waves of 132 SMs)
-_DW2_MIN_PROGRAMS = 264
+# SMs of an H100/H200, and the programs wanted for the pixel-reducing dW2
+# GEMM (at least two waves)
+_SMS = 132
+_DW2_MIN_PROGRAMS = 2 * _SMS
 
 
 @triton.jit
@@ -75,15 +77,20 @@ def _gelu(h):
 
 
 @triton.jit
-def _row_tile(HW, BM: tl.constexpr):
-    """This program's pixel tile: program id 0 = sample * tiles + tile.
-    Returns (n (int64), t, p, p mask, tiles per sample)."""
+def _row_tile(HW, NCOLS, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's (pixel tile, column block) on a 1-D grid: program id =
+    (sample * tiles + tile) * column blocks + column block, so the programs
+    that share a row tile are launched together (its re-reads hit L2) and
+    the grid has no 65535 y-limit.  Returns (n (int64), t, p, p mask, tiles
+    per sample, column block)."""
     T = tl.cdiv(HW, BM)
+    ncb = tl.cdiv(NCOLS, BN)
     pid = tl.program_id(0)
-    n = (pid // T).to(tl.int64)
-    t = pid % T
+    row = pid // ncb
+    n = (row // T).to(tl.int64)
+    t = row % T
     p = t * BM + tl.arange(0, BM)
-    return n, t, p, p < HW, T
+    return n, t, p, p < HW, T, pid % ncb
 
 
 @triton.jit
@@ -96,8 +103,8 @@ def _pw1_kernel(
         HW, C, K, stride_wk, stride_wc,
         SUMSQ: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T = _row_tile(HW, BM)
-    k = tl.program_id(1) * BN + tl.arange(0, BN)
+    n, t, p, pmask, T, kb = _row_tile(HW, K, BM, BN)
+    k = kb * BN + tl.arange(0, BN)
     kmask = k < K
     r = tl.arange(0, BK)
     a_ptrs = Z + n * HW * C + p[:, None] * C + r[None, :]
@@ -133,8 +140,8 @@ def _pw2_kernel(
         HW, C, K, stride_wc, stride_wk,
         PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T = _row_tile(HW, BM)
-    c = tl.program_id(1) * BN + tl.arange(0, BN)
+    n, t, p, pmask, T, cb = _row_tile(HW, C, BM, BN)
+    c = cb * BN + tl.arange(0, BN)
     cmask = c < C
     r = tl.arange(0, BK)
     h_ptrs = Hp + n * HW * K + p[:, None] * K + r[None, :]
@@ -172,8 +179,7 @@ def _dv_kernel(
         HW, C, K, stride_wc, stride_wk,
         PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T = _row_tile(HW, BM)
-    kb = tl.program_id(1)
+    n, t, p, pmask, T, kb = _row_tile(HW, K, BM, BN)
     k = kb * BN + tl.arange(0, BN)
     kmask = k < K
     r = tl.arange(0, BK)
@@ -230,19 +236,18 @@ def _dw2_kernel(
     q = tl.arange(0, BP)
     p_lo = s * P_SPLIT
     acc = tl.zeros((BC, BK), dtype=tl.float32)
-    # W2 is read by the programs that need it: all for the r grad, else the
-    # first split's (dbeta); a false mask moves no bytes
-    if NEED_DR:
-        wm = m2
-    else:
-        wm = m2 & ((c * 0 + s) == 0)[:, None]
-    w = tl.load(W2 + c[:, None] * stride_wc + k[None, :] * stride_wk,
-                mask=wm, other=0.).to(tl.float32)
+    # dbeta = W2^T db2 and the beta db2^T term of dW2 come from the first
+    # split's programs; elsewhere the W2 tile is masked off (no bytes move)
+    # and wbeta = sum_k W2 beta is 0, so only split 0 adds its r-grad term
+    w0 = tl.load(W2 + c[:, None] * stride_wc + k[None, :] * stride_wk,
+                 mask=m2 & ((c * 0 + s) == 0)[:, None], other=0.).to(
+                     tl.float32)
     beta = tl.load(BETA + k, mask=kmask, other=0.).to(tl.float32)
+    wbeta = tl.sum(w0 * beta[None, :], axis=1)
     if s == 0:
         db2 = tl.load(DB2 + c, mask=cmask, other=0.)
         acc += db2[:, None] * beta[None, :]
-        tl.store(DBP + cb * K + k, tl.sum(w * db2[:, None], axis=0),
+        tl.store(DBP + cb * K + k, tl.sum(w0 * db2[:, None], axis=0),
                  mask=kmask)
     for n in range(N):
         rs = tl.load(R + n * C + c, mask=cmask, other=0.)
@@ -266,12 +271,13 @@ def _dw2_kernel(
         sp = pn * sc[None, :]
         if NEED_DR:
             acc += rs[:, None] * sp
-            dr = tl.sum(w * sp, axis=1)
-            if s == 0:
-                cs = tl.load(COLSUM + n * C + c, mask=cmask, other=0.)
-                dr += cs * tl.sum(w * beta[None, :], axis=1)
+            # W2 re-read per sample (L2): not held in registers across the
+            # pixel loop (the register budget of the two accumulators)
+            w = tl.load(W2 + c[:, None] * stride_wc + k[None, :] * stride_wk,
+                        mask=m2, other=0.).to(tl.float32)
+            cs = tl.load(COLSUM + n * C + c, mask=cmask, other=0.)
             tl.store(DRP + ((s * tl.num_programs(1) + kb) * N + n) * C + c,
-                     dr, mask=cmask)
+                     tl.sum(w * sp, axis=1) + cs * wbeta, mask=cmask)
         else:
             acc += sp
     tl.store(DW2P + s * C * K + c[:, None] * K + k[None, :], acc, mask=m2)
@@ -299,7 +305,7 @@ class GemmConfig:
 # warpgroup pair) and a register budget without spills (the static gate);
 # interpreter tiles small (tests run hold-out shapes in seconds).
 _GPU_TILES = {'pw1': (128, 128, 64, 8, 3), 'pw2': (128, 128, 64, 8, 3),
-              'dv': (128, 128, 64, 8, 3), 'dw2': (64, 128, 64, 8, 3)}
+              'dv': (128, 128, 64, 8, 3), 'dw2': (128, 64, 64, 8, 3)}
 _INTERP_TILES = {'pw1': (32, 32, 32, 4, 1), 'pw2': (32, 32, 32, 4, 1),
                  'dv': (32, 32, 32, 4, 1), 'dw2': (32, 32, 32, 4, 1)}
 
@@ -326,9 +332,7 @@ def _launch_config(kernel, N, HW, C, K, gpu, min_programs) -> GemmConfig:
         if not gpu:  # interpreter: no wider than the problem
             BC, BKk = min(BC, next_pow2(C)), min(BKk, next_pow2(K))
         tiles = triton.cdiv(C, BC) * triton.cdiv(K, BKk)
-        S = max(1, min(triton.cdiv(min_programs, tiles) if gpu else 2,
-                       triton.cdiv(HW, BP)))
-        split = triton.cdiv(triton.cdiv(HW, S), BP) * BP
+        split = _dw2_split(HW, BP, tiles, gpu, min_programs)
         S = triton.cdiv(HW, split)
         return GemmConfig(kernel, BC, BKk, BP, warps, stages,
                           (triton.cdiv(C, BC), triton.cdiv(K, BKk), S), split)
@@ -338,7 +342,28 @@ def _launch_config(kernel, N, HW, C, K, gpu, min_programs) -> GemmConfig:
         BN = min(BN, next_pow2(ncols))
         BK = min(BK, next_pow2(nred))
     return GemmConfig(kernel, BM, BN, BK, warps, stages,
-                      (N * triton.cdiv(HW, BM), triton.cdiv(ncols, BN)))
+                      (triton.cdiv(ncols, BN) * N * triton.cdiv(HW, BM), ))
+
+
+def _dw2_split(HW, BP, tiles, gpu, min_programs):
+    """Pixels per dW2 program per sample (a multiple of BP).  GPU: at least
+    ``min_programs`` programs over the (C, K) tiles and the splits, the
+    split count chosen up to 2x that for the best wave efficiency (programs
+    / whole waves of 132 SMs; fewer programs on ties).  Interpreter: two
+    splits where the pixels allow (the tests exercise the partial sum)."""
+    if not gpu:
+        return max(BP, triton.cdiv(triton.cdiv(HW, 2), BP) * BP)
+    best = None
+    lo = triton.cdiv(min_programs, tiles)
+    for want in range(lo, 2 * lo + 1):
+        split = max(BP, HW // want // BP * BP)
+        progs = triton.cdiv(HW, split) * tiles
+        eff = progs / (triton.cdiv(progs, _SMS) * _SMS)
+        if best is None or (eff, -progs) > best[0]:
+            best = ((eff, -progs), split)
+        if split == BP:
+            break
+    return best[1]
 
 
 def _prec(dtype) -> str:
