@@ -86,11 +86,12 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None,
               run_missing: bool = True):
     """Entry used by benchmarks/run.py (CPU only; ``device`` is passed to
     the input suites).  The reference is always modelled (the gate needs
-    it); ``fast`` brings ``fast_recompute``.  ``run_missing=False`` models
-    stored rows only and raises when there are none."""
+    it); ``fast`` brings ``fast_recompute`` and ``fast_mlp``.
+    ``run_missing=False`` models stored rows only and raises when there are
+    none."""
     providers = set(providers) | {'reference'}
     if 'fast' in providers:
-        providers.add('fast_recompute')
+        providers |= {'fast_recompute', 'fast_mlp'}
     got = {s: input_rows(s, smoke, device, sorted(providers), run_missing)
            for s in INPUT_SUITES}
     missing = [src for rows, src in got.values() if rows is None]

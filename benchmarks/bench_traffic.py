@@ -43,8 +43,13 @@ name), H, W (size run, or full for fit/sampled), basis, provider, phase
 calls, l1_B, l2_B, hbm_B, own_footprint_B, flops`` and the same per block
 element of the row's size (E = N*H*W*C), plus ``kernel='TOTAL'`` rows per
 (shape, size, basis, provider, phase).  aten rows carry the op's in+out bytes
-in all three views (library kernels are opaque); Triton rows have flops 0
-(not counted); ``l1_share_B`` is the simulated per-program L1.
+(library kernels are opaque) as their HBM view and, except for GEMMs, as
+their L1/L2 views; a GEMM's L1/L2 view is its tiled re-reads
+(:func:`benchmarks.traffic.gemm_l2_bytes`, an assumed cuBLAS tile, so the
+Triton GEMMs' recorded L2 view has a like-for-like peer); Triton rows count the
+tensor-core FLOPs of their ``tl.dot`` calls (2*M*N*K per call, whole tiles)
+and nothing else (CUDA-core math is in the static suite's issue count);
+``l1_share_B`` is the simulated per-program L1.
 
 Usage: ``python -m benchmarks --suites traffic`` or
 ``python benchmarks/bench_traffic.py [--smoke] [--out PATH]``.
@@ -62,9 +67,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import traffic as T  # noqa: E402
-from benchmarks.shapes import MASKRCNN_V2B, BlockShape  # noqa: E402
+from benchmarks.shapes import (FAST_PROVIDERS, MASKRCNN_V2B,  # noqa: E402
+                               BlockShape)
 
-PROVIDERS = ('reference', 'fast', 'fast_recompute')
+# fast_mlp: the fused block with the Triton-GEMM MLP (save mode)
+PROVIDERS = ('reference', 'fast', 'fast_recompute', 'fast_mlp')
 # run sizes (H, W); W None = the stage's real width (tiles then meet rows
 # as at full size; only the 3 border rows at each edge differ, and the fit
 # to the full height removes them)
@@ -125,12 +132,13 @@ def block_args(shape: BlockShape, seed: int = 0):
     return x, params
 
 
-def run_fast_block(shape: BlockShape, recompute: bool, sample=None,
+def run_fast_block(shape: BlockShape, provider: str, sample=None,
                    no_compute: bool = False, count_aten: bool = True,
                    memo=None):
     """Drive ``fused_block_forward`` then ``fused_block_backward`` at
     ``shape``; returns ``{phase: (TritonTraffic, AtenTraffic or None)}``.
 
+    ``provider``: a key of :data:`benchmarks.shapes.FAST_PROVIDERS`;
     ``sample``: a :class:`~benchmarks.traffic.TritonTraffic` program sample;
     ``no_compute``: torch ops produce uninitialised outputs
     (:class:`~benchmarks.traffic.NoComputeMode`), for real shapes where only
@@ -142,7 +150,8 @@ def run_fast_block(shape: BlockShape, recompute: bool, sample=None,
                                                  fused_block_forward)
     x, params = block_args(shape)
     cd = shape.compute_dtype
-    save = not recompute
+    cfg = FAST_PROVIDERS[provider]
+    save, mlp = cfg['save'], cfg['mlp']
     out = {}
 
     @contextmanager
@@ -166,13 +175,14 @@ def run_fast_block(shape: BlockShape, recompute: bool, sample=None,
     with torch.no_grad(), np.errstate(all='ignore'):
         with counting() as rec:
             fwd = fused_block_forward(x, *params, compute_dtype=cd,
-                                      save=save)
+                                      save=save, mlp=mlp)
         out['fwd'] = rec
         dout = torch.randn(x.shape).to(x.dtype)
         with counting() as rec:
             # no layer scale in V2 (r needs no grad): need_dr=False
             fused_block_backward(dout, *backward_inputs((x, *params), fwd),
-                                 compute_dtype=cd, save=save, need_dr=False)
+                                 compute_dtype=cd, save=save, need_dr=False,
+                                 mlp=mlp)
         out['bwd'] = rec
     return out
 
@@ -198,22 +208,22 @@ def _triton_rows(tt, l1_share, scale_sampled=False):
         s['l1_share_B'] = l1_share(L)
         if scale_sampled:
             f = s['programs'] / max(1, s['programs_run'])
-            for k in ('l1_B', 'l2_B', 'own_footprint_B'):
+            for k in ('l1_B', 'l2_B', 'own_footprint_B', 'flops'):
                 s[k] = s[k] * f
             s['hbm_B'] = None
         a = agg.get(L.name)
         if a is None:
-            agg[L.name] = dict(s, flops=0)
+            agg[L.name] = dict(s)
             continue
         for k in ('calls', 'programs', 'programs_run', 'l1_B', 'l2_B',
-                  'own_footprint_B', 'hbm_B'):
+                  'own_footprint_B', 'hbm_B', 'flops'):
             a[k] = None if a[k] is None or s[k] is None else a[k] + s[k]
     return list(agg.values())
 
 
 def _aten_rows(records):
-    return [dict(kernel=a['kernel'], calls=a['calls'], l1_B=a['bytes'],
-                 l2_B=a['bytes'], hbm_B=a['bytes'], own_footprint_B=None,
+    return [dict(kernel=a['kernel'], calls=a['calls'], l1_B=a['l2_B'],
+                 l2_B=a['l2_B'], hbm_B=a['bytes'], own_footprint_B=None,
                  flops=a['flops']) for a in T.aggregate_aten(records)]
 
 
@@ -291,7 +301,7 @@ def fast_rows(full: BlockShape, H: int, W: int, provider: str,
     memo = _MEMO.setdefault(shape.name, {})
     if len(_MEMO) > 2:  # keep only recent shapes
         _MEMO.pop(next(iter(_MEMO)))
-    rec = run_fast_block(shape, provider == 'fast_recompute', memo=memo)
+    rec = run_fast_block(shape, provider, memo=memo)
     rows = []
     for phase in ('fwd', 'bwd'):
         tt, at = rec[phase]
@@ -306,7 +316,7 @@ def sampled_dw_rows(full: BlockShape, provider: str, k: int = 4,
                     l1_share=default_l1_share):
     """Depthwise kernels at the full shape, ``k`` programs each
     (extrapolated x programs / programs run; ``hbm_B`` not measured)."""
-    rec = run_fast_block(full, provider == 'fast_recompute',
+    rec = run_fast_block(full, provider,
                          sample=T.sample_programs(DW_PREFIX, k),
                          no_compute=True, count_aten=False)
     rows = []
@@ -398,7 +408,7 @@ def run_suite(smoke: bool, device, providers, progress=None, stages=None):
     """Entry used by ``benchmarks/run.py`` (CPU; ``device`` is not used).
     ``stages``: names of the stages to run (default all)."""
     provs = [p for p in PROVIDERS if p in providers or (
-        p == 'fast_recompute' and 'fast' in providers)]
+        p in ('fast_recompute', 'fast_mlp') and 'fast' in providers)]
     if not kernels_interpreted():
         return _run_in_subprocess(smoke, provs)
     if smoke:

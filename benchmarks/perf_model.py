@@ -28,10 +28,15 @@ kernel from its ``sampled`` full-shape row when there is one: it is the one
 that sees a tile re-read per tap at the real size; local-memory spill traffic
 from the static row added to the L2 view, each spilled byte stored and loaded
 once per thread: a lower bound), warp-instructions = ``sass_instr_per_program
-x num_warps x programs x launches`` (static rows), no FLOP term (their FLOPs
-are CUDA-core instructions, already in the issue term).  aten ops (the
+x num_warps x programs x launches`` (static rows), and a FLOP term for the
+tensor-core work of their ``tl.dot`` calls (counted by the traffic recorder,
+whole tiles) at the same ``gemm_eff`` as cuBLAS -- an assumption that a
+Triton wgmma GEMM reaches cuBLAS's efficiency, to be checked on a GPU; their
+other math is CUDA-core instructions, already in the issue term.  aten ops (the
 reference block, and the torch GEMMs/reductions inside the fused host
-functions): bytes = the op's inputs + outputs (all three views), FLOPs by op
+functions): HBM bytes = the op's inputs + outputs; the L2 view of a GEMM =
+its tiled re-reads at an assumed cuBLAS tile (``traffic.gemm_l2_bytes``: the
+like-for-like peer of the Triton GEMMs' recorded L2 view), FLOPs by op
 class: GEMMs on tensor cores at ``gemm_eff`` of the dense bf16 peak
 (cuBLAS), convolutions (the 7x7 depthwise conv and its backward, cuDNN) on
 CUDA cores at ``conv_eff`` of the fp32 FMA peak, everything else
@@ -269,17 +274,20 @@ def kernel_rows(static_rows: Iterable[dict], traffic_rows: Iterable[dict],
             terms = kernel_time(gpu, hbm_B=t['hbm_B'], l2_B=l2,
                                 warp_instr=s['warp_instr'],
                                 occupancy=s['occupancy'], waves=s['waves'],
-                                calls=row['calls'])
+                                tc_flops=t['flops'], calls=row['calls'])
             row.update(Ginstr=s['warp_instr'] / 1e9, spill_MB=s['spill_B'] /
                        1e6, occupancy=s['occupancy'])
         else:
             cls = _aten_class(kernel)
+            # the L2 term of a library op: its modelled tiled re-reads for
+            # a GEMM (traffic.gemm_l2_bytes), else its bytes (below the HBM
+            # term, so it never binds)
+            l2 = t['l2_B'] or t['hbm_B']
             terms = kernel_time(
-                gpu, hbm_B=t['hbm_B'], l2_B=0.,
+                gpu, hbm_B=t['hbm_B'], l2_B=l2,
                 tc_flops=t['flops'] if cls == 'gemm' else 0.,
                 fma_flops=t['flops'] if cls == 'conv' else 0.,
                 fma_eff=gpu['conv_eff'], calls=row['calls'])
-            l2 = t['hbm_B']
             row['op_class'] = cls
         row.update(hbm_MB=t['hbm_B'] / 1e6, l2_MB=l2 / 1e6,
                    GFLOP=t['flops'] / 1e9, **terms)

@@ -105,6 +105,8 @@ class Access:
 class Program:
     pid: tuple
     accesses: List[Access] = field(default_factory=list)
+    dot_flops: int = 0  # 2*M*N*K of every tl.dot (tensor-core work, padding
+    # of masked rows included: the hardware computes whole tiles)
 
 
 @dataclass
@@ -147,7 +149,8 @@ class Launch:
         hbm = (np.unique(np.concatenate(glob)).size * LINE) if glob else 0
         return dict(kernel=self.name, calls=1, l1_B=l1, l2_B=l2, hbm_B=hbm,
                     own_footprint_B=own, programs=self.n_programs,
-                    programs_run=len(self.programs))
+                    programs_run=len(self.programs),
+                    flops=sum(p.dot_flops for p in self.programs))
 
 
 def lru_traffic_lines(accesses: Sequence[Access], capacity_lines: int,
@@ -234,6 +237,7 @@ class TritonTraffic:
         rec = self
         orig_load, orig_store = B.create_masked_load, B.create_masked_store
         orig_rmw, orig_cas = B.create_atomic_rmw, B.create_atomic_cas
+        orig_dot = B.create_dot
         orig_call, orig_init = G.__call__, G._init_args_hst
         orig_patch_lang = ti._patch_lang
 
@@ -251,6 +255,12 @@ class TritonTraffic:
         def atomic_rmw(b, op, ptr, val, mask, *a, **k):
             rec._record('atomic', ptr, mask)
             return orig_rmw(b, op, ptr, val, mask, *a, **k)
+
+        def dot(b, a_, b_, d, *a, **k):
+            if rec._prog is not None:
+                sa, sb = np.shape(a_.data), np.shape(b_.data)
+                rec._prog.dot_flops += 2 * int(np.prod(sa)) * int(sb[-1])
+            return orig_dot(b, a_, b_, d, *a, **k)
 
         def atomic_cas(b, ptr, cmp, val, *a, **k):
             rec._record('atomic', ptr, None)
@@ -308,6 +318,7 @@ class TritonTraffic:
                                (B, 'create_masked_store', masked_store),
                                (B, 'create_atomic_rmw', atomic_rmw),
                                (B, 'create_atomic_cas', atomic_cas),
+                               (B, 'create_dot', dot),
                                (G, '_init_args_hst', init_args),
                                (G, '__call__', call),
                                (ti, '_patch_lang', patch_lang)):
@@ -476,9 +487,35 @@ def gemm_flops(func, args, out) -> int:
     return 0
 
 
+# The L2 view of a library GEMM (cuBLAS is opaque): a tiled kernel reads A
+# once per column tile and B once per row tile.  Tile assumed for cuBLAS on
+# sm_90 at these sizes: 256 x 128 (M x N; the largest common bf16 tile, i.e.
+# the fewest re-reads: generous to cuBLAS).  The Triton GEMMs' L2 view is
+# recorded, not assumed.
+CUBLAS_TILE_M, CUBLAS_TILE_N = 256, 128
+
+
+def gemm_l2_bytes(func, args, out) -> Optional[int]:
+    """Modelled L2 -> SM bytes of a GEMM aten op (tiled re-reads of A and B,
+    plus the bias/C input and the output once), else None."""
+    name = func.overloadpacket.__name__
+    if name not in ('mm', 'addmm', '_addmm_activation', 'bmm', 'baddbmm'):
+        return None
+    a, b = (args[0], args[1]) if name in ('mm', 'bmm') else (args[1],
+                                                             args[2])
+    M, N = a.shape[-2], b.shape[-1]
+    l2 = tensor_bytes(a) * -(-N // CUBLAS_TILE_N) + \
+        tensor_bytes(b) * -(-M // CUBLAS_TILE_M)
+    if name in ('addmm', '_addmm_activation', 'baddbmm'):
+        l2 += tensor_bytes(args[0])
+    o = out[0] if isinstance(out, (tuple, list)) else out
+    return l2 + tensor_bytes(o)
+
+
 class AtenTraffic(TorchDispatchMode):
     """Counts every aten op dispatched while active into ``records``
-    (``dict(op, in_B, out_B, flops)``).  Views and allocations are free;
+    (``dict(op, in_B, out_B, flops, l2_B)``; ``l2_B`` = in + out except
+    for GEMMs: :func:`gemm_l2_bytes`).  Views and allocations are free;
     a mutated argument counts as written (and as read unless the op only
     writes it, e.g. ``copy_``)."""
 
@@ -512,20 +549,24 @@ class AtenTraffic(TorchDispatchMode):
         else:
             out_b = sum(tensor_bytes(t) for t in tree_flatten(out)[0]
                         if torch.is_tensor(t))
+        l2 = gemm_l2_bytes(func, args, out)
         self.records.append(dict(op=name, in_B=read_in, out_B=out_b,
-                                 flops=gemm_flops(func, args, out)))
+                                 flops=gemm_flops(func, args, out),
+                                 l2_B=read_in + out_b if l2 is None else l2))
         return out
 
 
 def aggregate_aten(records: List[dict]) -> List[dict]:
-    """Per-op totals (first-seen order): calls, bytes (in + out), flops."""
+    """Per-op totals (first-seen order): calls, bytes (in + out), flops,
+    l2_B (the L2 view, see :class:`AtenTraffic`)."""
     agg: Dict[str, dict] = {}
     for r in records:
         a = agg.setdefault(r['op'], dict(kernel=r['op'], calls=0, bytes=0,
-                                         flops=0))
+                                         flops=0, l2_B=0))
         a['calls'] += 1
         a['bytes'] += r['in_B'] + r['out_B']
         a['flops'] += r['flops']
+        a['l2_B'] += r.get('l2_B', r['in_B'] + r['out_B'])
     return list(agg.values())
 
 

@@ -141,8 +141,9 @@ def test_dispatcher_counts_known_ops():
         d.copy_(c)  # reads c, writes d
         e = a + b[:1].expand(8, 4).repeat(1, 4)
     recs = {r['op']: r for r in at.records}
+    # one tile: the L2 view of the GEMM is its in + out bytes
     assert recs['mm'] == dict(op='mm', in_B=(128 + 64) * 4, out_B=32 * 4,
-                              flops=2 * 8 * 16 * 4)
+                              flops=2 * 8 * 16 * 4, l2_B=(128 + 64 + 32) * 4)
     assert recs['add_']['in_B'] == recs['add_']['out_B'] == 32 * 4
     assert (recs['copy_']['in_B'], recs['copy_']['out_B']) == (128, 128)
     assert 't' not in recs and 'empty' not in recs
@@ -244,7 +245,7 @@ def _depthwise_launches(stage):
     programs of each ``_dwconv*`` launch run, no torch compute."""
     if stage.name not in _STAGE_RUNS:
         from benchmarks.bench_traffic import DW_PREFIX, run_fast_block
-        rec = run_fast_block(stage, recompute=False,
+        rec = run_fast_block(stage, 'fast',
                              sample=T.sample_programs(DW_PREFIX, 3),
                              no_compute=True, count_aten=False)
         _STAGE_RUNS[stage.name] = {
@@ -330,3 +331,36 @@ def test_stores_write_through_by_sector():
     st = L.stats(l1_share=T.LINE * 8)
     assert st['l2_B'] == 64 + 128
     assert st['l1_B'] == 68
+
+
+def test_library_gemm_l2_view_counts_tiled_rereads():
+    """A library GEMM's L2 view: A once per column tile, B once per row tile
+    of the assumed cuBLAS tile (the peer of a Triton GEMM's recorded view)."""
+    M, K, N = 1024, 64, 512
+    a, b = torch.randn(M, K), torch.randn(K, N)
+    with T.AtenTraffic() as at:
+        torch.mm(a, b)
+    (r, ) = at.records
+    col_tiles = -(-N // T.CUBLAS_TILE_N)
+    row_tiles = -(-M // T.CUBLAS_TILE_M)
+    assert col_tiles > 1 and row_tiles > 1
+    assert r['l2_B'] == (M * K * col_tiles + K * N * row_tiles + M * N) * 4
+    assert r['in_B'] + r['out_B'] == (M * K + K * N + M * N) * 4
+
+
+@pytest.mark.interpreter
+def test_triton_recorder_counts_dot_flops():
+    """tl.dot work per program (whole tiles, masked rows included): the
+    model's tensor-core term for the Triton GEMMs."""
+    from convnextv2_fast.ops import mlp_gemm as M
+    N, HW, C = 2, 40, 16
+    K = 4 * C
+    z, w1, b1 = torch.randn(N, HW, C), torch.randn(K, C), torch.randn(K)
+    cfg = M.launch_config('pw1', N, HW, C, K)
+    with T.TritonTraffic() as tt:
+        M.pw1_forward(z, w1, b1)
+    (st, ) = tt.stats()
+    programs = cfg.grid[0]
+    c_steps = -(-C // cfg.BK)
+    assert st['flops'] == programs * c_steps * 2 * cfg.BM * cfg.BN * cfg.BK
+    assert st['flops'] >= 2 * N * HW * C * K
