@@ -5,8 +5,9 @@ Applies :mod:`benchmarks.perf_model` to the rows of the ``static`` and
 ``traffic`` suites.  Their rows come, in this order of preference, from
 (1) this process (an earlier ``run_suite`` here), (2) the newest stored run
 in ``benchmarks/results/*.json`` made from the same sources (the same
-:func:`benchmarks.common.source_digest`: kernels, host code, extension
-sources, instruments, torch and Triton versions) with the same smoke flag,
+per-suite :func:`benchmarks.common.source_digest`: kernels, host code,
+instruments, the extension sources for ``static``, torch and Triton
+versions) with the same smoke flag,
 (3) running the suite now.  Each model row says where its inputs
 came from (``inputs``).
 
@@ -48,7 +49,7 @@ def stored_rows(suite: str, smoke: bool, digest: str,
             meta = run.get('meta', {})
             rows = [r for r in run.get('rows', [])
                     if r.get('suite') == suite]
-            if not rows or meta.get('source_digest') != digest or \
+            if not rows or common.stored_digest(meta, suite) != digest or \
                     bool(meta.get('smoke')) != bool(smoke):
                 continue
             stamp = meta.get('timestamp') or ''
@@ -65,7 +66,7 @@ def input_rows(suite: str, smoke: bool, device, providers,
     key = (suite, smoke)
     if key in _CACHE:
         return _CACHE[key]
-    digest = common.source_digest()
+    digest = common.source_digest(suite)
     rows, source = stored_rows(suite, smoke, digest)
     if rows is None and not run_missing:
         return None, (f'no stored {suite} rows for source digest {digest} '
@@ -98,13 +99,70 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None,
     if missing:
         raise RuntimeError('; '.join(missing))
     source = '; '.join(f'{s}: {src}' for s, (_, src) in got.items())
-    rows = perf_model.model(got['static'][0], got['traffic'][0])
+    static_rows, traffic_rows = got['static'][0], got['traffic'][0]
+    if not smoke:
+        extra = before_rows(static_rows, traffic_rows)
+        if extra:
+            providers.add(BEFORE)
+            static_rows = static_rows + extra[0]
+            traffic_rows = traffic_rows + extra[1]
+            source += f'; {BEFORE}: {extra[2]}'
+    rows = perf_model.model(static_rows, traffic_rows)
     rows = [r for r in rows if r['provider'] in providers]
     for r in rows:
         r['inputs'] = source
         r['smoke'] = smoke
         if progress:
             progress(r)
+    return rows
+
+
+# The block before the depthwise rewrite (issue 8), as a LOWER BOUND: its
+# depthwise kernels from the stored *-before-* results (sm_90 compile rows and
+# the traffic suite's sampled full-shape L2 view; HBM = today's unique
+# footprint), every other kernel and torch op as today's ``fast`` (the old
+# MLP side made more passes: W2 fold temporaries, db1 and bias copies).
+BEFORE = 'fast_before_lb'
+DW_PREFIX = '_dwconv'
+
+
+def before_rows(static_rows, traffic_rows,
+                results_dir: str = common.RESULTS_DIR):
+    """(static rows, traffic rows, source) of provider :data:`BEFORE`, or
+    None without stored *-before-* results."""
+    old_static = _rows_of(results_dir, 'static-before-*.json', 'static')
+    old_traffic = _rows_of(results_dir, 'traffic-before-*.json', 'traffic')
+    old_dw = {(r['shape'], r['phase'], r['kernel']): r for r in old_traffic
+              if r.get('provider') == 'fast' and r.get('basis') == 'sampled'
+              and r['kernel'].startswith(DW_PREFIX)}
+    if not old_static or not old_dw:
+        return None
+
+    def dw(r):
+        return r['kernel'].startswith(DW_PREFIX)
+
+    st = [dict(r, provider=BEFORE) for r in old_static
+          if r.get('provider') == 'fast' and dw(r)]
+    st += [dict(r, provider=BEFORE) for r in static_rows
+           if r.get('provider') == 'fast' and not dw(r)]
+    tr = []
+    for r in traffic_rows:
+        if r.get('provider') != 'fast' or r.get('kernel') == 'TOTAL':
+            continue
+        if dw(r) and r.get('basis') == 'sampled':
+            continue  # replaced by the old kernel's sampled row below
+        if dw(r) and (r['shape'], r['phase'], r['kernel']) not in old_dw:
+            continue
+        tr.append(dict(r, provider=BEFORE))
+    tr += [dict(r, provider=BEFORE) for r in old_dw.values()]
+    return st, tr, 'depthwise kernels from *-before-* results, the rest ' \
+        'as fast (a lower bound)'
+
+
+def _rows_of(results_dir, pattern, suite):
+    rows = []
+    for path in sorted(glob.glob(os.path.join(results_dir, pattern))):
+        rows += rows_in_file(path, suite)
     return rows
 
 

@@ -40,24 +40,32 @@ def _commit() -> str:
 
 
 # What the static and traffic rows (the model's inputs) are a function of:
-# the fused ops' kernels and host code, the extension sources, the shapes
-# and the instruments -- not the models, the tuner, the results files, the
-# README or the tests.
-_SOURCE_GLOBS = ('convnextv2_fast/ops/*.py', 'csrc/**/*',
-                 'benchmarks/shapes.py', 'benchmarks/sm90.py',
-                 'benchmarks/traffic.py', 'benchmarks/bench_static.py',
-                 'benchmarks/bench_traffic.py')
+# the fused ops' kernels and host code, the shapes and the instruments (the
+# static rows also of the extension sources; the traffic rows of the Triton
+# kernels' occupancy, i.e. the static instrument, but not of the .cu files)
+# -- not the models, the tuner, the results files, the README or the tests.
+_COMMON_SOURCES = ('convnextv2_fast/ops/*.py', 'benchmarks/shapes.py',
+                   'benchmarks/sm90.py', 'benchmarks/bench_static.py')
+SUITE_SOURCES = {
+    'static': _COMMON_SOURCES + ('csrc/**/*', ),
+    'traffic': _COMMON_SOURCES + ('benchmarks/traffic.py',
+                                  'benchmarks/bench_traffic.py'),
+}
 
 
-def source_digest(root: str = os.path.dirname(RESULTS_DIR) + '/..') -> str:
-    """sha256 (16 hex) of the sources the CPU suites' rows depend on, plus
-    the torch and Triton versions: stored rows with the same digest are the
-    rows a run now would produce (the model suite reuses them)."""
+def source_digest(suite: str = None,
+                  root: str = os.path.dirname(RESULTS_DIR) + '/..') -> str:
+    """sha256 (16 hex) of the sources ``suite``'s rows depend on
+    (:data:`SUITE_SOURCES`; None: all of them), plus the torch and Triton
+    versions: stored rows with the same digest are the rows a run now would
+    produce (the model suite reuses them)."""
     import glob
     import hashlib
     root = os.path.abspath(root)
+    globs = SUITE_SOURCES[suite] if suite else sorted(
+        {g for gs in SUITE_SOURCES.values() for g in gs})
     h = hashlib.sha256()
-    files = sorted({f for g in _SOURCE_GLOBS
+    files = sorted({f for g in globs
                     for f in glob.glob(os.path.join(root, g), recursive=True)
                     if os.path.isfile(f) and not f.endswith(('.so', '.pyc'))})
     for f in files:
@@ -73,10 +81,18 @@ def source_digest(root: str = os.path.dirname(RESULTS_DIR) + '/..') -> str:
     return h.hexdigest()[:16]
 
 
+def stored_digest(meta: dict, suite: str):
+    """The digest a stored run's ``suite`` rows were made from (per-suite
+    digests; runs before them stored one digest of everything)."""
+    return (meta.get('source_digests') or {}).get(suite,
+                                                  meta.get('source_digest'))
+
+
 def env_metadata(device: torch.device) -> dict:
     meta = dict(device=device_name(device), torch=torch.__version__,
                 cuda=str(torch.version.cuda), commit=_commit(),
                 source_digest=source_digest(),
+                source_digests={k: source_digest(k) for k in SUITE_SOURCES},
                 timestamp=datetime.datetime.now(
                     datetime.timezone.utc).isoformat(timespec='seconds'))
     for name in ('triton', 'mmcv', 'mmdet', 'mmpretrain'):

@@ -114,7 +114,7 @@ def instrument_tables(results_dir: str = common.RESULTS_DIR) -> str:
                 mod.COLUMNS) + '\n'
         chunks.append(
             f"#### {suite} ({name}, commit {m.get('commit')}, sources "
-            f"{m.get('source_digest')}, {stamp})\n\n" + body)
+            f"{common.stored_digest(m, suite)}, {stamp})\n\n" + body)
     return '\n'.join(chunks) or '_No instrument results committed yet._\n'
 
 

