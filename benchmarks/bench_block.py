@@ -6,6 +6,8 @@ Providers (same weights, GRN gamma/beta non-zero, no layer scale, drop 0):
   compile           torch.compile of that reference block
   fast              ConvNeXtV2Block(impl='triton'), save mode
   fast_recompute    the same with ``fused_recompute=True``
+  fast_mlp          ``impl='triton'`` with the Triton-GEMM MLP
+                    (``fused_mlp='triton'``, ops/mlp_gemm.py), save mode
 Modes ``fwd`` (no grad) and ``fwd+bwd``; the residual stream is bf16 and the
 block runs under bf16 autocast (stages 1-3 of the mmdet AMP setup; the seed
 config's AmpOptimWrapper default is fp16, ``--dtype fp16`` selects it).
@@ -44,7 +46,10 @@ from convnextv2_fast.models import ConvNeXtV2Block  # noqa: E402
 from convnextv2_fast.testing import max_abs_err  # noqa: E402
 from convnextv2_fast.testing.memory import SavedTensorBytes  # noqa: E402
 
-PROVIDERS = ('reference', 'compile', 'fast', 'fast_recompute')
+PROVIDERS = ('reference', 'compile', 'fast', 'fast_recompute', 'fast_mlp')
+FAST = {'fast': dict(fused_recompute=False, fused_mlp='cublas'),
+        'fast_recompute': dict(fused_recompute=True, fused_mlp='cublas'),
+        'fast_mlp': dict(fused_recompute=False, fused_mlp='triton')}
 MODES = ('fwd', 'fwd+bwd')
 # (name, N, C, H, W)
 SHAPES = [('1024-s1', 2, 128, 256, 256), ('1024-s2', 2, 256, 128, 128),
@@ -65,9 +70,10 @@ def make_block(C, provider, seed=0):
     with torch.no_grad():
         blk.grn.gamma.normal_(0., 0.5)
         blk.grn.beta.normal_(0., 0.5)
-    if provider in ('fast', 'fast_recompute'):
+    if provider in FAST:
         blk.impl = 'triton'
-        blk.fused_recompute = provider == 'fast_recompute'
+        for k, v in FAST[provider].items():
+            setattr(blk, k, v)
     return blk
 
 
@@ -156,8 +162,8 @@ def run(shapes, providers, modes, device, dtype, amp_dtype, warmup=5,
 
 def run_suite(smoke: bool, device: torch.device, providers, progress=None):
     """Entry used by benchmarks/run.py: bf16 autocast on CUDA (fp32 in the
-    smoke run); 'fast' also runs its recompute variant."""
-    providers = list(providers) + (['fast_recompute']
+    smoke run); 'fast' also runs its recompute and Triton-MLP variants."""
+    providers = list(providers) + (['fast_recompute', 'fast_mlp']
                                    if 'fast' in providers else [])
     if smoke:
         return run(SMOKE_SHAPES, providers, MODES, device, torch.float32,
@@ -201,7 +207,8 @@ def main(argv=None):
         if not cuda:
             os.environ.setdefault('TRITON_INTERPRET', '1')
         shapes = SMOKE_SHAPES
-        providers = args.providers or ['reference', 'fast', 'fast_recompute']
+        providers = args.providers or ['reference', 'fast', 'fast_recompute',
+                                       'fast_mlp']
         dtype, amp = torch.float32, None
         warmup, iters = 1, 2
     else:

@@ -12,7 +12,8 @@ common = pytest.importorskip('benchmarks.common')
 @pytest.mark.interpreter
 def test_bench_block_smoke(tmp_path, capsys):
     rc = bench.main(['--smoke', '--modes', 'fwd+bwd', '--providers',
-                     'reference', 'fast_recompute', '--results-dir',
+                     'reference', 'fast_recompute', 'fast_mlp',
+                     '--results-dir',
                      str(tmp_path)])
     assert rc == 0
     files = os.listdir(tmp_path)
@@ -22,13 +23,15 @@ def test_bench_block_smoke(tmp_path, capsys):
     meta, rows = runs[0]['meta'], runs[0]['rows']
     assert meta['smoke'] is True and meta['torch'] and 'commit' in meta
     assert 'timestamp' in meta
-    assert [r['provider'] for r in rows] == ['reference', 'fast_recompute']
+    assert [r['provider'] for r in rows] == ['reference', 'fast_recompute',
+                                             'fast_mlp']
     for r in rows:
         assert r['smoke'] is True and r['median_ms'] > 0
         assert r['saved_B_per_elem'] > 0
-    fast = rows[1]
-    assert fast['max_err_out'] < 1e-4
+    fast, mlp = rows[1], rows[2]
+    assert fast['max_err_out'] < 1e-4 and mlp['max_err_out'] < 1e-4
     assert fast['saved_B_per_elem'] <= 8 < rows[0]['saved_B_per_elem']
+    assert mlp['saved_B_per_elem'] < rows[0]['saved_B_per_elem']
     table = common.render_runs(runs, bench.COLUMNS)
     assert '| fast_recompute |' in table
     json.dumps(rows)
