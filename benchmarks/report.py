@@ -107,7 +107,11 @@ def instrument_tables(results_dir: str = common.RESULTS_DIR) -> str:
             continue
         stamp, rows, m, name = newest[suite]
         mod = importlib.import_module(f'benchmarks.bench_{suite}')
-        body = mod.summary_markdown(rows).strip() + '\n'
+        if suite == 'static':  # both MLP paths and the extension
+            body = mod.summary_markdown(rows, providers=(
+                'fast', 'fast_mlp', mod.CUDA_EXT_PROVIDER)).strip() + '\n'
+        else:
+            body = mod.summary_markdown(rows).strip() + '\n'
         if suite == 'memory':  # its summary is the legend; the numbers:
             body += '\n' + common.markdown_table(
                 [r for r in rows if r.get('model') != 'block'],
