@@ -160,3 +160,33 @@ def test_every_gpu_test_file_belongs_to_an_area():
             if '@pytest.mark.' + 'gpu' in f.read():  # (not this file)
                 rel = os.path.relpath(path, ROOT)
                 assert rel in listed, f'{rel} has GPU tests but no area'
+
+
+def test_pretend_cuda_tunes_auto_blocks_as_a_gpu(tmp_path, monkeypatch):
+    """On the visit an ``impl='auto'`` block times every path on first use
+    (launching the Triton-GEMM MLP's kernels too); under pretend_cuda a CPU
+    tensor takes the same route, so the warm captures those kernels."""
+    import torch
+    from convnextv2_fast import autotune
+    from convnextv2_fast.impl import fused_status
+    from convnextv2_fast.models import ConvNeXtV2Block
+    if not fused_status()[0]:
+        pytest.skip(fused_status()[1])
+    monkeypatch.setenv(autotune.CACHE_DIR_ENV, str(tmp_path))
+    for env in (autotune.TUNE_ENV, 'CONVNEXTV2_FAST_IMPL',
+                'CONVNEXTV2_FAST_MLP'):
+        monkeypatch.delenv(env, raising=False)
+    autotune.clear_memory_cache()
+    timed = []
+    monkeypatch.setattr(autotune, '_time_path',
+                        lambda b, x, path, tr: timed.append(path) or 1.0)
+    block = ConvNeXtV2Block(8, use_grn=True, impl='auto')
+    x = torch.randn(2, 8, 5, 7)
+    try:
+        assert block._use_fused(x) is False  # a CPU tensor: the reference
+        assert timed == []
+        with wtc.pretend_cuda():
+            assert block._use_fused(x) == 'cublas'  # a tie: the first path
+        assert sorted(timed) == ['reference', 'triton', 'triton_mlp']
+    finally:
+        autotune.clear_memory_cache()

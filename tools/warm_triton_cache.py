@@ -15,7 +15,8 @@ full size, the providers that launch the project's kernels) -- inside a
 "pretend CUDA" context (:func:`pretend_cuda`: ``'cuda'`` devices and
 ``.cuda()`` land on the CPU, ``torch.autocast('cuda')`` is CPU autocast,
 ``torch.cuda`` queries answer as one idle GPU, ``impl='auto'`` resolves as for
-CUDA tensors) and under :func:`benchmarks.sm90.capture_launches` (stand-in
+CUDA tensors and tunes on first use, timing -- so launching -- every path, as
+on the visit's fresh machine) and under :func:`benchmarks.sm90.capture_launches` (stand-in
 sm_90 driver; every launch is specialised exactly as on the GPU and compiled
 into ``TRITON_CACHE_DIR``; big torch ops are skipped).  No list of shapes is
 restated: a new GPU test or benchmark shape is warmed automatically.  The
@@ -38,6 +39,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,6 +307,15 @@ def make_capture(cache):
     os.environ['TRITON_INTERPRET'] = '0'
     sys.path.insert(0, ROOT)
     from benchmarks import sm90
+    from convnextv2_fast import autotune
+    # impl='auto' times every path of a block shape on its first use
+    # (convnextv2_fast.autotune), launching their kernels, on the visit's
+    # fresh machine: so here too, tuning on and an empty choice cache of this
+    # run's own (the user's is neither read nor written)
+    os.environ[autotune.TUNE_ENV] = '1'
+    os.environ[autotune.CACHE_DIR_ENV] = tempfile.mkdtemp(
+        prefix='warm_triton_choices.')
+    autotune.clear_memory_cache()
     skip = _skip_except_project(sm90)
     # the warmer needs the compiles, not sm90's resource analysis
     # (cuobjdump + nvdisasm per launch): a cheap stand-in

@@ -99,8 +99,11 @@ class ConvNeXtV2Block(nn.Module):
         if not (self.fused_supported()
                 and resolve_impl(self.impl, x.device) == 'triton'):
             return False
-        if effective_impl(self.impl) != 'auto' or x.device.type != 'cuda':
-            # 'triton' forced (interpreter included): no tuning
+        if effective_impl(self.impl) != 'auto':
+            # 'triton' forced (interpreter included): no tuning.  ('auto'
+            # got 'triton' from resolve_impl only for a CUDA device; no second
+            # device check here, so tools/warm_triton_cache.py, which answers
+            # resolve_impl as for CUDA, drives the tuner's paths as a GPU does)
             return mlp_for(self) or 'cublas'
         if x.dtype not in FUSED_DTYPES:
             return False
