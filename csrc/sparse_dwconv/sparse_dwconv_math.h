@@ -114,14 +114,10 @@ CNX_HD Vec<T, V> conv_row(const int32_t* CNX_RESTRICT nb, const T* CNX_RESTRICT 
 // taps loaded once (registers on the GPU) and reused for every row.  The GPU
 // thread (y, group) calls it with (m0 + y, m1, blockDim.y), the C++ twin with
 // (m0, m1, 1).  `bias` may be null.
+// init[v] = bias[c0 + v] in opmath, or 0 without a bias (may be null).
 template <typename T, int V>
-CNX_HD void conv_rows(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRICT x,
-                      const T* CNX_RESTRICT taps, const T* CNX_RESTRICT bias, int C, int c0,
-                      int m_begin, int m_end, int m_step, T* CNX_RESTRICT out) {
+CNX_HD void bias_init(const T* CNX_RESTRICT bias, int c0, at::opmath_type<T> (&init)[V]) {
   using acc_t = at::opmath_type<T>;
-  Vec<T, V> w[kTaps];
-  load_taps<T, V>(taps, C, c0, w);
-  acc_t init[V];
   if (bias != nullptr) {
     const Vec<T, V> b = load_vec<T, V>(bias + c0);
     CNX_UNROLL
@@ -130,8 +126,121 @@ CNX_HD void conv_rows(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRIC
     CNX_UNROLL
     for (int v = 0; v < V; ++v) init[v] = acc_t(0);
   }
+}
+
+template <typename T, int V>
+CNX_HD void conv_rows(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRICT x,
+                      const T* CNX_RESTRICT taps, const T* CNX_RESTRICT bias, int C, int c0,
+                      int m_begin, int m_end, int m_step, T* CNX_RESTRICT out) {
+  using acc_t = at::opmath_type<T>;
+  Vec<T, V> w[kTaps];
+  load_taps<T, V>(taps, C, c0, w);
+  acc_t init[V];
+  bias_init<T, V>(bias, c0, init);
   for (int m = m_begin; m < m_end; m += m_step)
     store_vec<T, V>(out + m * C + c0, conv_row<T, V>(nbr_rows + m * kTaps, x, C, c0, w, init));
+}
+
+// ---------------------------------------------------------------------------
+// Tile path of the forward / input gradient.
+//
+// A tile is an aligned TS x TS block of the stage map (TS = 2, 4 or 8; FCMAE's
+// visible sites are whole tiles: 8x8 at stage 1, 4x4, 2x2, 1x1 later).  Its
+// halo row (int32, kHaloPx = (TS + 6)^2 entries, StageLayout.tile_halo_rows)
+// lists, row-major, the row of every pixel of the (TS + 6) x (TS + 6) region
+// from (ty * TS - 3, tx * TS - 3), or -1 (outside the map or invisible).  The
+// tile's own pixel (py, px) is entry (py + 3) * (TS + 6) + px + 3; -1 there =
+// no output (a tile may be partly visible: general layouts, super-tiles).
+//
+// Submanifold semantics, exactly those of conv_row: outputs only at visible
+// sites, inputs only from visible sites, an absent input contributes w * 0.
+// So EVERY tile takes this path: staging writes 0 for an absent halo pixel
+// (no load), and partial halos (image borders, masked neighbour tiles) need
+// no fallback.  Staged values are opmath (fp32; fp64 for double), converted
+// once when staged.
+template <int TS>
+struct TileGeom {
+  static constexpr int kSide = TS + 6;
+  static constexpr int kHaloPx = kSide * kSide;
+};
+
+// Stage halo pixel p of channels [c0, c0 + V) to dst[0, V) (shared memory on
+// the GPU): the input converted to opmath, or 0 for an absent pixel.
+template <typename T, int V>
+CNX_HD void stage_halo_px(const int32_t* CNX_RESTRICT halo, int p, const T* CNX_RESTRICT x,
+                          int C, int c0, at::opmath_type<T>* CNX_RESTRICT dst) {
+  using acc_t = at::opmath_type<T>;
+  const int32_t r = halo[p];
+  Vec<acc_t, V> s;
+  if (r < 0) {
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) s.v[v] = acc_t(0);
+  } else {
+    const Vec<T, V> f = load_vec<T, V>(x + r * C + c0);
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) s.v[v] = static_cast<acc_t>(f.v[v]);
+  }
+  store_vec<acc_t, V>(dst, s);
+}
+
+// The TS outputs of tile pixel-row py (px = 0..TS-1), channels [c0, c0 + V),
+// from the staged halo: the value of halo pixel p, channel c0 + v is
+// buf[p * pitch + cc + v].  Sliding window: for each tap row dy the 7 taps
+// are loaded (converted to opmath) and each of the TS + 6 staged values of
+// halo row py + dy is loaded once and used by every output it reaches.  Each
+// output sums init + w[t] * x over t = dy * 7 + dx in increasing order —
+// conv_row's order and operations — so the tile path equals the gather path
+// bit for bit under the same compiler.  A row without a visible pixel
+// returns at once; an invisible pixel is not stored.
+template <typename T, int V, int TS>
+CNX_HD void conv_tile_row(const at::opmath_type<T>* CNX_RESTRICT buf, int pitch, int cc, int py,
+                          const T* CNX_RESTRICT taps, int C, int c0,
+                          const at::opmath_type<T> (&init)[V], const int32_t* CNX_RESTRICT halo,
+                          T* CNX_RESTRICT out) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kSide = TileGeom<TS>::kSide;
+  const int32_t* own = halo + (py + 3) * kSide + 3;
+  bool any = false;
+  CNX_UNROLL
+  for (int px = 0; px < TS; ++px) any = any || own[px] >= 0;
+  if (!any) return;
+  acc_t acc[TS][V];
+  CNX_UNROLL
+  for (int px = 0; px < TS; ++px) {
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) acc[px][v] = init[v];
+  }
+  CNX_UNROLL
+  for (int dy = 0; dy < 7; ++dy) {
+    acc_t w[7][V];
+    CNX_UNROLL
+    for (int dx = 0; dx < 7; ++dx) {
+      const Vec<T, V> wv = load_vec<T, V>(taps + (dy * 7 + dx) * C + c0);
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) w[dx][v] = static_cast<acc_t>(wv.v[v]);
+    }
+    const acc_t* row = buf + (py + dy) * kSide * pitch + cc;
+    CNX_UNROLL
+    for (int j = 0; j < kSide; ++j) {
+      const Vec<acc_t, V> xv = load_vec<acc_t, V>(row + j * pitch);
+      CNX_UNROLL
+      for (int dx = 0; dx < 7; ++dx) {
+        const int px = j - dx;
+        if (px < 0 || px >= TS) continue;  // compile-time under full unrolling
+        CNX_UNROLL
+        for (int v = 0; v < V; ++v) acc[px][v] += w[dx][v] * xv.v[v];  // one FFMA
+      }
+    }
+  }
+  CNX_UNROLL
+  for (int px = 0; px < TS; ++px) {
+    const int32_t r = own[px];
+    if (r < 0) continue;
+    Vec<T, V> o;
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(acc[px][v]);
+    store_vec<T, V>(out + r * C + c0, o);
+  }
 }
 
 // One weight-gradient chunk of channels [c0, c0 + V): rows [m0, m1) in order,
