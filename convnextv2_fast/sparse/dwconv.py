@@ -74,20 +74,27 @@ def _taps(weight2d: torch.Tensor, flip: bool = False) -> torch.Tensor:
 
 
 TILES = (2, 4, 8)  # tile sizes the compiled tile path is instantiated for
+# The layout tiles whose stages take the tile path by default, per device type.
+# GPU, from benchmarks/model_sparse_dwconv.py (model, not a GPU measurement;
+# V2-B 224^2, mask 0.6, bf16, x HBM floor gather -> tile): 8x8 7.1 -> 3.0,
+# 4x4 7.1 -> 3.7, 2x2 7.1 -> 7.6 (each 2x2 tile stages 64 halo pixels for 4
+# outputs: L2 and shared-memory traffic eat the gain), 1x1 7.1 -> 19 (tile2).
+# CPU (measured, C++ twin, fp32, 2 threads, V2-B widths): 8x8 is faster than
+# the gather (8.4 vs 9.2 ms at stage 1, 8 images), 4x4 and 2x2 slower (5.6 vs
+# 4.8 ms, 5.1 vs 2.4 ms): the twin's un-unrolled stencil pays for the staging.
+TILE_PATH = {'cuda': (4, 8), 'cpu': (8, )}
 
 
-def conv_tile(layout: StageLayout, tile: Optional[int] = None) -> int:
+def conv_tile(layout: StageLayout, tile: Optional[int] = None,
+              device_type: Optional[str] = None) -> int:
     """Tile size of the forward / input-gradient path: ``tile`` when given
-    (0 = the per-row gather through :meth:`StageLayout.neighbour_rows`), else the
-    layout's FCMAE tile when it is 2, 4 or 8 and the gather otherwise.
-
-    Why (``benchmarks/model_sparse_dwconv.py``, model): at 1x1 tiles (stage 4
-    of FCMAE, general layouts) staging a 7x7 halo per output reads each input
-    ~49 times from L2, while the gather's row chunks share their neighbours in
-    L1; from 2x2 tiles on, the staged stencil needs ~(T + 6)^2 / T^2 loads per
-    output instead of 49 table words + 49 gathers."""
+    (0 = the per-row gather through :meth:`StageLayout.neighbour_rows`, or 2, 4,
+    8), else the layout's FCMAE tile when :data:`TILE_PATH` lists it for the
+    device type (that of the layout; the numbers behind the choice are there),
+    else 0.  Both paths give the same result bit for bit."""
     if tile is None:
-        return layout.tile if layout.tile in TILES else 0
+        dev = device_type or layout.site.device.type
+        return layout.tile if layout.tile in TILE_PATH.get(dev, TILE_PATH['cuda']) else 0
     if tile != 0 and tile not in TILES:
         raise ArgumentError(f'tile must be 0 (gather) or one of {TILES}, got {tile}.')
     return tile

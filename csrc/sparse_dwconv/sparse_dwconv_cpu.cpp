@@ -182,8 +182,9 @@ at::Tensor sparse_dwconv_tile_fwd_cpu(const at::Tensor& feats, const at::Tensor&
             for (int c0 = 0; c0 < C; c0 += V) {
               acc_t init[V];
               sdw::bias_init<scalar_t, V>(b, c0, init);
-              for (int py = 0; py < TS; ++py)
-                sdw::conv_tile_row<scalar_t, V, TS>(buf, C, c0, py, w, C, c0, init, halo, y);
+              for (int py = 0; py < TS; py += sdw::TileGeom<TS>::kRows)
+                sdw::conv_tile_rows<scalar_t, V, TS, sdw::TileGeom<TS>::kRows>(
+                    buf, C, c0, py, w, C, c0, init, halo, y);
             }
           }
         });

@@ -10,15 +10,15 @@
 // from the per-stage [M, 49] int32 table (a broadcast load: every lane of a
 // row reads the same word).  int32 indexing.
 // Tile path (forward / input gradient, sparse_dwconv_tile_fwd): one CTA per
-// (tile, chunk of kTileCh = 32 channels), threads (kTileCh / V, TS): thread
-// (x, y) owns channel group x of the chunk and tile pixel-row y.  The CTA
-// stages the tile's (TS + 6)^2 halo pixels x 32 channels in shared memory as
-// fp32 (zeros for absent pixels: no load), then every thread runs the dense
-// 7x7 stencil on its TS outputs from shared memory (sliding window: each
-// staged value loaded once per tap row, taps per tap row from L1).  No
-// [M, 49] table: one int32 halo row per tile ((TS + 6)^2 / TS^2 words per
-// output instead of 49).  Shared memory: (TS + 6)^2 * 32 * 4 B = 25 KB (TS = 8),
-// 12.5 KB (4), 8 KB (2); static, so the static gate sees it.
+// (tile, chunk of kTileCh = 32 channels).  The CTA stages the tile's
+// (TS + 6)^2 halo pixels x 32 channels in shared memory as fp32, with
+// 16-byte loads (VS channels a lane; zeros for absent pixels, no load).
+// Then thread (x, y) computes channel cbase + x (one channel: its 49 taps
+// stay in 49 registers) for tile pixel-rows R y .. R y + R - 1 (R =
+// min(TS, 4)), all TS columns: per thread (R + 6)(TS + 6) shared loads and
+// 49 R TS FFMAs (conv_tile_rows).  Threads (32, TS / R).  No [M, 49] table: one
+// int32 halo row per tile.  Shared memory (static, so the static gate sees
+// it): (TS + 6)^2 * 32 * 4 B = 25 KB (TS = 8), 12.5 KB (4), 8 KB (2).
 // Weight/bias gradient: one CTA per chunk of kWgradRowsPerChunk rows, thread x
 // owns a group of V = 2 channels and its 50 x 2 fp32 accumulators (49 taps +
 // bias) in registers: one pass over dy and x of the chunk, every tap inside.
@@ -45,7 +45,8 @@ constexpr int kFwdRowsPerThread = 8;  // rows per thread per channel group (tap 
 constexpr int kWgradVec = 2;          // channels per thread in the weight gradient
 constexpr int kReduceThreads = 256;
 constexpr int kTileCh = 32;           // channels per CTA of the tile path
-constexpr int kTileThreads = 256;     // upper bound: kTileCh / V * TS <= 32 * 8
+constexpr int kTileThreads = 64;      // upper bound: kTileCh * TS / R <= 32 * 2
+
 
 // fp32 / fp16 / bf16 (fp64 is CPU-only).
 #define CNX_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                    \
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_dwconv_fwd_kernel(
     sdw::conv_rows<T, V>(nbr, x, taps, bias, C, g * V, m0 + threadIdx.y, m1, blockDim.y, out);
 }
 
-template <typename T, int V, int TS>
+template <typename T, int VS, int TS>
 __global__ void __launch_bounds__(kTileThreads) sparse_dwconv_tile_fwd_kernel(
     const T* __restrict__ x,            // [M, C] feats (or grad_out for the input grad)
     const T* __restrict__ taps,         // [49, C] (reversed for the input grad)
@@ -96,23 +97,25 @@ __global__ void __launch_bounds__(kTileThreads) sparse_dwconv_tile_fwd_kernel(
     int C) {
   using acc_t = at::opmath_type<T>;
   constexpr int kHaloPx = sdw::TileGeom<TS>::kHaloPx;
-  constexpr int kGroups = kTileCh / V;  // == blockDim.x
-  __shared__ __align__(16) acc_t buf[kHaloPx * kTileCh];
+  constexpr int R = sdw::TileGeom<TS>::kRows;
+  constexpr int kStageGroups = kTileCh / VS;  // lanes staging one pixel
+  constexpr int kNumThreads = kTileCh * (TS / R);
+  __shared__ __align__(32) acc_t buf[kHaloPx * kTileCh];
   const int32_t* halo = halo_rows + blockIdx.x * kHaloPx;
   const int cbase = blockIdx.y * kTileCh;
-  const int tid = threadIdx.y * kGroups + threadIdx.x;
-  for (int i = tid; i < kHaloPx * kGroups; i += kGroups * TS) {
-    const int p = i / kGroups, g = i % kGroups;
-    if (cbase + g * V < C)
-      sdw::stage_halo_px<T, V>(halo, p, x, C, cbase + g * V, buf + p * kTileCh + g * V);
+  const int tid = threadIdx.y * kTileCh + threadIdx.x;
+  for (int i = tid; i < kHaloPx * kStageGroups; i += kNumThreads) {
+    const int p = i / kStageGroups, g = i % kStageGroups;
+    if (cbase + g * VS < C)
+      sdw::stage_halo_px<T, VS>(halo, p, x, C, cbase + g * VS, buf + p * kTileCh + g * VS);
   }
   __syncthreads();
-  const int c0 = cbase + threadIdx.x * V;
+  const int c0 = cbase + threadIdx.x;
   if (c0 >= C) return;
-  acc_t init[V];
-  sdw::bias_init<T, V>(bias, c0, init);
-  sdw::conv_tile_row<T, V, TS>(buf, kTileCh, threadIdx.x * V, threadIdx.y, taps, C, c0, init,
-                               halo, out);
+  acc_t init[1];
+  sdw::bias_init<T, 1>(bias, c0, init);
+  sdw::conv_tile_rows<T, 1, TS, R>(buf, kTileCh, threadIdx.x, threadIdx.y * R, taps, C, c0,
+                                   init, halo, out);
 }
 
 template <typename T, int V>
@@ -195,20 +198,20 @@ at::Tensor sparse_dwconv_tile_fwd_cuda(const at::Tensor& feats, const at::Tensor
     const scalar_t* b = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
     const int32_t* hr = halo_rows.const_data_ptr<int32_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    // The forward's vector widths (8-byte global loads for fp32 and fp16, 4 for bf16).
-    constexpr int kVmax = std::is_same_v<scalar_t, at::Half> ? 4 : 2;
-    const int vec = sdw::pick_vec(C, kVmax, {x, w, b, y}, sizeof(scalar_t));
+    // Staging: 16-byte loads (8 channels of fp16/bf16, 4 of fp32) where C and the
+    // feats pointer allow it, else one channel a lane.
+    constexpr int kVS = 16 / sizeof(scalar_t);
+    const int vec = sdw::pick_vec(C, kVS, {x}, sizeof(scalar_t)) == kVS ? kVS : 1;
     dispatch_tile(static_cast<int>(tile), [&](auto tc) {
       constexpr int TS = decltype(tc)::value;
-      auto launch = [&](auto vc) {
-        constexpr int V = decltype(vc)::value;
+      dispatch_vec<kVS, 1>(vec, [&](auto vc) {
+        constexpr int VS = decltype(vc)::value;
         const dim3 grid(static_cast<unsigned>(K), (C + kTileCh - 1) / kTileCh);
-        sparse_dwconv_tile_fwd_kernel<scalar_t, V, TS>
-            <<<grid, dim3(kTileCh / V, TS), 0, stream>>>(x, w, b, hr, y, C);
+        const dim3 block(kTileCh, TS / sdw::TileGeom<TS>::kRows);
+        sparse_dwconv_tile_fwd_kernel<scalar_t, VS, TS><<<grid, block, 0, stream>>>(
+            x, w, b, hr, y, C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if constexpr (kVmax == 4) dispatch_vec<4, 2, 1>(vec, launch);
-      else dispatch_vec<2, 1>(vec, launch);
+      });
     });
   });
   return out;

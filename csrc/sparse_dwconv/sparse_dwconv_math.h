@@ -162,6 +162,11 @@ template <int TS>
 struct TileGeom {
   static constexpr int kSide = TS + 6;
   static constexpr int kHaloPx = kSide * kSide;
+  // Pixel-rows per conv_tile_rows call (R), the same on both devices so the
+  // CPU tests run the GPU's instantiation: 4 rows x 8 columns of one channel
+  // (32 fp32 accumulators + 49 taps in registers, no spills at sm_90) for
+  // 8x8 tiles, the whole tile for 4x4 and 2x2.
+  static constexpr int kRows = TS < 4 ? TS : 4;
 };
 
 // Stage halo pixel p of channels [c0, c0 + V) to dst[0, V) (shared memory on
@@ -183,63 +188,76 @@ CNX_HD void stage_halo_px(const int32_t* CNX_RESTRICT halo, int p, const T* CNX_
   store_vec<acc_t, V>(dst, s);
 }
 
-// The TS outputs of tile pixel-row py (px = 0..TS-1), channels [c0, c0 + V),
-// from the staged halo: the value of halo pixel p, channel c0 + v is
-// buf[p * pitch + cc + v].  Sliding window: for each tap row dy the 7 taps
-// are loaded (converted to opmath) and each of the TS + 6 staged values of
-// halo row py + dy is loaded once and used by every output it reaches.  Each
-// output sums init + w[t] * x over t = dy * 7 + dx in increasing order —
-// conv_row's order and operations — so the tile path equals the gather path
-// bit for bit under the same compiler.  A row without a visible pixel
-// returns at once; an invisible pixel is not stored.
-template <typename T, int V, int TS>
-CNX_HD void conv_tile_row(const at::opmath_type<T>* CNX_RESTRICT buf, int pitch, int cc, int py,
-                          const T* CNX_RESTRICT taps, int C, int c0,
-                          const at::opmath_type<T> (&init)[V], const int32_t* CNX_RESTRICT halo,
-                          T* CNX_RESTRICT out) {
+// The R x TS outputs of tile pixel-rows py0 .. py0 + R - 1 (all TS columns),
+// channels [c0, c0 + V), from the staged halo: the value of halo pixel p,
+// channel c0 + v is buf[p * pitch + cc + v].  All 49 taps are loaded once
+// (converted to opmath; registers on the GPU), then the R + 6 halo rows the
+// block needs are streamed once: each staged value is loaded once and used
+// for every output it reaches (up to 7 columns x 7 rows), so a thread loads
+// (R + 6)(TS + 6) values for R TS outputs instead of 49 per output.  Each
+// output sums init + w[t] * x over t = dy * 7 + dx in increasing order
+// (halo row py0 + r + dy ascending, then column ascending) — conv_row's
+// order and operations — so the tile path equals the gather path bit for
+// bit under the same compiler, for every (V, R).  An invisible pixel is not
+// stored (no output); its FFMAs are spent anyway (no branch per row: FCMAE's
+// tiles are whole, so every pixel of a tile of the layout's own size is visible).
+template <typename T, int V, int TS, int R>
+CNX_HD void conv_tile_rows(const at::opmath_type<T>* CNX_RESTRICT buf, int pitch, int cc,
+                           int py0, const T* CNX_RESTRICT taps, int C, int c0,
+                           const at::opmath_type<T> (&init)[V],
+                           const int32_t* CNX_RESTRICT halo, T* CNX_RESTRICT out) {
   using acc_t = at::opmath_type<T>;
   constexpr int kSide = TileGeom<TS>::kSide;
-  const int32_t* own = halo + (py + 3) * kSide + 3;
-  bool any = false;
+  static_assert(TS % R == 0, "conv_tile_rows: R must divide TS");
+  acc_t w[kTaps][V];
   CNX_UNROLL
-  for (int px = 0; px < TS; ++px) any = any || own[px] >= 0;
-  if (!any) return;
-  acc_t acc[TS][V];
-  CNX_UNROLL
-  for (int px = 0; px < TS; ++px) {
+  for (int t = 0; t < kTaps; ++t) {
+    const Vec<T, V> wv = load_vec<T, V>(taps + t * C + c0);
     CNX_UNROLL
-    for (int v = 0; v < V; ++v) acc[px][v] = init[v];
+    for (int v = 0; v < V; ++v) w[t][v] = static_cast<acc_t>(wv.v[v]);
+  }
+  acc_t acc[R][TS][V];
+  CNX_UNROLL
+  for (int r = 0; r < R; ++r) {
+    CNX_UNROLL
+    for (int px = 0; px < TS; ++px) {
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) acc[r][px][v] = init[v];
+    }
   }
   CNX_UNROLL
-  for (int dy = 0; dy < 7; ++dy) {
-    acc_t w[7][V];
-    CNX_UNROLL
-    for (int dx = 0; dx < 7; ++dx) {
-      const Vec<T, V> wv = load_vec<T, V>(taps + (dy * 7 + dx) * C + c0);
-      CNX_UNROLL
-      for (int v = 0; v < V; ++v) w[dx][v] = static_cast<acc_t>(wv.v[v]);
-    }
-    const acc_t* row = buf + (py + dy) * kSide * pitch + cc;
+  for (int hr = 0; hr < R + 6; ++hr) {  // halo row py0 + hr
+    const acc_t* row = buf + (py0 + hr) * kSide * pitch + cc;
     CNX_UNROLL
     for (int j = 0; j < kSide; ++j) {
       const Vec<acc_t, V> xv = load_vec<acc_t, V>(row + j * pitch);
       CNX_UNROLL
-      for (int dx = 0; dx < 7; ++dx) {
-        const int px = j - dx;
-        if (px < 0 || px >= TS) continue;  // compile-time under full unrolling
+      for (int r = 0; r < R; ++r) {
+        const int dy = hr - r;
+        if (dy < 0 || dy > 6) continue;  // compile-time under full unrolling
         CNX_UNROLL
-        for (int v = 0; v < V; ++v) acc[px][v] += w[dx][v] * xv.v[v];  // one FFMA
+        for (int dx = 0; dx < 7; ++dx) {
+          const int px = j - dx;
+          if (px < 0 || px >= TS) continue;
+          CNX_UNROLL
+          for (int v = 0; v < V; ++v)
+            acc[r][px][v] += w[dy * 7 + dx][v] * xv.v[v];  // one FFMA
+        }
       }
     }
   }
   CNX_UNROLL
-  for (int px = 0; px < TS; ++px) {
-    const int32_t r = own[px];
-    if (r < 0) continue;
-    Vec<T, V> o;
+  for (int r = 0; r < R; ++r) {
+    const int32_t* own = halo + (py0 + r + 3) * kSide + 3;
     CNX_UNROLL
-    for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(acc[px][v]);
-    store_vec<T, V>(out + r * C + c0, o);
+    for (int px = 0; px < TS; ++px) {
+      const int32_t m = own[px];
+      if (m < 0) continue;
+      Vec<T, V> o;
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(acc[r][px][v]);
+      store_vec<T, V>(out + m * C + c0, o);
+    }
   }
 }
 
