@@ -68,8 +68,8 @@ from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 H200 = dict(hbm_Bps=4.8e12, l2_Bps=8.0e12, sms=132, clk_hz=1.98e9, issue_per_clk=4,
             wavefront_B=128)
-COLUMNS = ['stage', 'pass', 'path', 'dtype', 'M', 'C', 'V', 'rows_per_cta', 'hbm_floor_us', 'hbm_us',
-           'l2_us', 'lsu_us', 'issue_us', 'ffma_floor_us', 'model_us', 'x_hbm_floor']
+COLUMNS = ['stage', 'pass', 'path', 'dtype', 'M', 'C', 'V', 'rows_per_cta', 'hbm_floor_us',
+           'hbm_us', 'l2_us', 'lsu_us', 'issue_us', 'ffma_floor_us', 'model_us', 'x_hbm_floor']
 TAPS, THREADS, FWD_ROWS_PER_THREAD, WGRAD_CHUNK, WGRAD_VEC = 49, 256, 8, 128, 2
 TILE_CH = 32  # channels per CTA of the tile path (kTileCh in the .cu)
 

@@ -46,7 +46,8 @@ def _layouts():
     return {
         'tiles8': _tile_layout(0), 'tiles4': _tile_layout(1, stage=1),
         'tiles2': _tile_layout(2, stage=2), 'tiles1': _tile_layout(3, stage=3),
-        'edge8': _fcmae_edge_layout(0), 'edge4': _edge_layout(), 'edge2': _fcmae_edge_layout(2, grid=(5, 5)),
+        'edge8': _fcmae_edge_layout(0), 'edge4': _edge_layout(),
+        'edge2': _fcmae_edge_layout(2, grid=(5, 5)),
         'scattered': _scattered_layout(4),
     }
 
