@@ -22,6 +22,34 @@ kernels of ``csrc/sparse_dwconv/sparse_dwconv_cuda.cu`` at sm_90 (H200 SXM):
 The launch shapes mirror ``fwd_launch``/``wgrad_threads`` in the .cu (256
 threads; fwd: channel groups of V along x, 8 rows a thread; wgrad: V = 2, one
 CTA per 128-row chunk).  Hardware numbers are the nominal H200 SXM ones below.
+
+The forward and the input gradient take the tile path where
+:func:`convnextv2_fast.sparse.dwconv.conv_tile` picks it (2x2, 4x4, 8x8 tiles;
+the gather at 1x1): :func:`model_tile_pass` models
+``sparse_dwconv_tile_fwd_kernel`` — one CTA per (tile, 32 channels), threads
+(32, T / R) with R = min(T, 4): the tile's (T + 6)^2 halo staged once in shared
+memory as fp32 with 16-byte loads (zeros for absent pixels, no load), then each
+thread computes R x T outputs of one channel with its 49 taps in registers:
+
+* HBM: x read once (halo re-reads of neighbouring tiles hit L2), out written
+  once, the int32 [K, (T + 6)^2] halo table, the taps;
+* L2 -> SM: each CTA's visible halo pixels (counted on the real layout), its
+  halo-table row and its taps, plus the output;
+* wavefronts: staging (per warp-iteration a table load, a 512 B load per
+  visible pixel group, the fp32 shared stores), per warp (R + 6)(T + 6) shared
+  loads of 128 B, 49 tap loads, per output a table load and a store;
+* issue: per warp 49 R T FFMA + (R + 6)(T + 6) shared loads + ``a + b R T``
+  other instructions (tap loads and converts, addresses, the output's table
+  load, convert and store), ``a``, ``b`` fitted to the SASS of the sm_90 build
+  (``cuobjdump -sass``; the compute part is fully unrolled, so static = dynamic
+  counts): 16-bit a = 380, b = 10.5; fp32 a = 404, b = 6.5 (the fits reproduce
+  the T = 2, 4, 8 kernels within 1%); staging ~18 (16-bit, 8 channels a lane)
+  / ~9 (fp32, 4) instructions per warp-iteration;
+* the same ``x_hbm_floor`` = model / HBM floor.
+
+``python benchmarks/model_sparse_dwconv.py`` prints the rows of the paths the
+code takes and, per stage, every path (gather, tile 2/4/8): why
+``conv_tile`` picks what it picks on the GPU.
 """
 import os.path as osp
 import sys
@@ -35,13 +63,15 @@ if ROOT not in sys.path:
 
 from benchmarks import shapes  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
+from convnextv2_fast.sparse.dwconv import TILES, conv_tile  # noqa: E402
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 H200 = dict(hbm_Bps=4.8e12, l2_Bps=8.0e12, sms=132, clk_hz=1.98e9, issue_per_clk=4,
             wavefront_B=128)
-COLUMNS = ['stage', 'pass', 'dtype', 'M', 'C', 'V', 'rows_per_cta', 'hbm_floor_us', 'hbm_us',
-           'l2_us', 'lsu_us', 'issue_us', 'ffma_floor_us', 'model_us', 'x_hbm_floor']
+COLUMNS = ['stage', 'pass', 'path', 'dtype', 'M', 'C', 'V', 'rows_per_cta', 'hbm_floor_us',
+           'hbm_us', 'l2_us', 'lsu_us', 'issue_us', 'ffma_floor_us', 'model_us', 'x_hbm_floor']
 TAPS, THREADS, FWD_ROWS_PER_THREAD, WGRAD_CHUNK, WGRAD_VEC = 49, 256, 8, 128, 2
+TILE_CH = 32  # channels per CTA of the tile path (kTileCh in the .cu)
 
 
 def fwd_vec(dtype: torch.dtype, C: int) -> int:
@@ -87,19 +117,63 @@ def model_pass(kind: str, M: int, C: int, dtype: torch.dtype, table: torch.Tenso
     wavefronts = warp_rows * (TAPS * (1 + feat_wf) + feat_wf)
     instr = warp_rows * (TAPS * (3 + 2 * V) + 4)
     ffma = M * C * TAPS / 32
+    t = _times(io, hbm, l2, wavefronts, instr, ffma, hw)
+    return dict(pass_=kind, path='gather', M=M, C=C, V=V, rows_per_cta=rows_per_cta, **t)
+
+
+def _times(hbm_floor_B, hbm_B, l2_B, wavefronts, instr, ffma, hw) -> dict:
     clk = hw['sms'] * hw['clk_hz']
-    t = dict(hbm_floor_us=io / hw['hbm_Bps'] * 1e6, hbm_us=hbm / hw['hbm_Bps'] * 1e6,
-             l2_us=l2 / hw['l2_Bps'] * 1e6, lsu_us=wavefronts / clk * 1e6,
+    t = dict(hbm_floor_us=hbm_floor_B / hw['hbm_Bps'] * 1e6, hbm_us=hbm_B / hw['hbm_Bps'] * 1e6,
+             l2_us=l2_B / hw['l2_Bps'] * 1e6, lsu_us=wavefronts / clk * 1e6,
              issue_us=instr / (clk * hw['issue_per_clk']) * 1e6,
              ffma_floor_us=ffma / (clk * hw['issue_per_clk']) * 1e6)
-    model = max(t['hbm_us'], t['l2_us'], t['lsu_us'], t['issue_us'])
-    return dict(pass_=kind, M=M, C=C, V=V, rows_per_cta=rows_per_cta, **t, model_us=model,
-                x_hbm_floor=model / t['hbm_floor_us'])
+    t['model_us'] = max(t['hbm_us'], t['l2_us'], t['lsu_us'], t['issue_us'])
+    t['x_hbm_floor'] = t['model_us'] / t['hbm_floor_us']
+    return t
+
+
+# Non-FFMA, non-shared-load instructions per warp of the tile kernel: a + b * outputs
+# (fitted to the sm_90 SASS, see the module docstring) and per staging warp-iteration.
+TILE_OTHER = {2: (380, 10.5, 18), 4: (404, 6.5, 9)}  # element size -> (a, b, staging)
+
+
+def model_tile_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor, tile: int,
+                    hw=H200) -> dict:
+    """Forward / input gradient on the tile path (``sparse_dwconv_tile_fwd_kernel``)
+    for the int32 [K, (tile + 6)^2] halo table ``halo`` of a real layout."""
+    e = torch.empty((), dtype=dtype).element_size()
+    a, b, stage_instr = TILE_OTHER[min(e, 4)]
+    R = min(tile, 4)
+    VS = 16 // e if C % (16 // e) == 0 else 1       # staging channels a lane
+    side, hp = tile + 6, (tile + 6)**2
+    K = halo.shape[0]
+    chunks = -(-C // TILE_CH)
+    ctas = K * chunks
+    warps = ctas * (tile // R)                       # compute warps (32 channels each)
+    vis_halo = int((halo >= 0).sum())                # staged pixels with a load
+    io = 2 * M * C * e
+    hbm = io + K * hp * 4 + TAPS * C * e
+    l2 = vis_halo * C * e + ctas * (hp * 4 + TAPS * TILE_CH * e) + M * C * e
+    stage_iters = -(-hp * (TILE_CH // VS) // 32)     # staging warp-iterations per CTA
+    # per staging warp-iteration: a table load + VS wavefronts of fp32 shared stores
+    # (32 lanes x VS x 4 B); per visible pixel: its 32 channels' global load
+    wf_stage = ctas * stage_iters * (1 + VS) \
+        + vis_halo * chunks * -(-TILE_CH * e // hw['wavefront_B'])
+    outs = R * tile
+    wf_compute = warps * ((R + 6) * side + TAPS + 2 * outs)
+    instr = ctas * stage_iters * stage_instr + warps * (TAPS * outs + (R + 6) * side
+                                                         + a + b * outs)
+    ffma = M * C * TAPS / 32
+    t = _times(io, hbm, l2, wf_stage + wf_compute, instr, ffma, hw)
+    return dict(pass_='fwd', path=f'tile{tile}', M=M, C=C, V=1, rows_per_cta=tile * tile,
+                **t)
 
 
 def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         mask_ratio: float = shapes.FCMAE_MASK_RATIO, dtype=torch.bfloat16,
-        stages=(0, 1, 2, 3), progress=None) -> List[dict]:
+        stages=(0, 1, 2, 3), progress=None, path=None) -> List[dict]:
+    """Rows of every stage and pass; ``path``: None = the path the code takes
+    (:func:`conv_tile`), 0 = the gather, 2/4/8 = that tile size (fwd/dgrad)."""
     g = torch.Generator().manual_seed(0)
     grid = size // 32
     mask = random_patch_mask(N, grid, grid, mask_ratio, generator=g).reshape(N, grid, grid)
@@ -108,8 +182,13 @@ def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
     for i in stages:
         lay, C = layouts[i], shapes.V2B_CHANNELS[i]
         table = lay.neighbour_rows()
+        tile = conv_tile(lay, device_type='cuda') if path is None else path
         for kind in ('fwd', 'dgrad', 'wgrad'):
-            r = model_pass('wgrad' if kind == 'wgrad' else 'fwd', lay.num_rows, C, dtype, table)
+            if kind != 'wgrad' and tile:
+                r = model_tile_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile)
+            else:
+                r = model_pass('wgrad' if kind == 'wgrad' else 'fwd', lay.num_rows, C, dtype,
+                               table)
             r.pop('pass_')
             row = {'bench': 'sparse_dwconv_model', 'stage': i + 1, 'pass': kind, 'N': N,
                    'img': size, 'mask_ratio': mask_ratio, 'dtype': str(dtype).split('.')[-1],
@@ -128,6 +207,13 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None):
     return run(progress=progress)
 
 
+def compare_paths(**kw) -> List[dict]:
+    """The forward rows of every path (gather, tile 2/4/8) at every stage."""
+    return [r for p in (0, ) + TILES for r in run(path=p, **kw) if r['pass'] == 'fwd']
+
+
 if __name__ == '__main__':
     from benchmarks import common
     print(common.markdown_table(run(), COLUMNS))
+    print('\nforward, every path (model, not a GPU measurement):\n')
+    print(common.markdown_table(sorted(compare_paths(), key=lambda r: r['stage']), COLUMNS))

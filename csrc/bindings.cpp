@@ -31,18 +31,22 @@
 TORCH_LIBRARY(convnextv2_fast, m) {
   m.def("sparse_dwconv_fwd(Tensor feats, Tensor taps, Tensor? bias, Tensor nbr_rows) "
         "-> Tensor");
+  m.def("sparse_dwconv_tile_fwd(Tensor feats, Tensor taps, Tensor? bias, Tensor halo_rows, "
+        "int tile) -> Tensor");
   m.def("sparse_dwconv_bwd_weight(Tensor grad_out, Tensor feats, Tensor nbr_rows) "
         "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(convnextv2_fast, CPU, m) {
   m.impl("sparse_dwconv_fwd", &convnextv2_fast::sparse_dwconv_fwd_cpu);
+  m.impl("sparse_dwconv_tile_fwd", &convnextv2_fast::sparse_dwconv_tile_fwd_cpu);
   m.impl("sparse_dwconv_bwd_weight", &convnextv2_fast::sparse_dwconv_bwd_weight_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(convnextv2_fast, CUDA, m) {
   m.impl("sparse_dwconv_fwd", &convnextv2_fast::sparse_dwconv_fwd_cuda);
+  m.impl("sparse_dwconv_tile_fwd", &convnextv2_fast::sparse_dwconv_tile_fwd_cuda);
   m.impl("sparse_dwconv_bwd_weight", &convnextv2_fast::sparse_dwconv_bwd_weight_cuda);
 }
 #endif

@@ -29,3 +29,21 @@ def test_vector_width_matches_the_cuda_dispatch():
     assert msd.fwd_vec(torch.float32, 128) == 2
     assert msd.fwd_vec(torch.float16, 6) == 2
     assert msd.fwd_vec(torch.float16, 45) == 1
+
+
+def test_tile_path_rows_and_choice():
+    """fwd/dgrad take the GPU's path (conv_tile: tile 8 at stage 1), wgrad the
+    gather; on the real layout the tile path models below the gather, and the
+    model gives every path (compare_paths) at every stage."""
+    rows = msd.run(N=4, stages=(0, ), dtype=torch.bfloat16)
+    assert [r['path'] for r in rows] == ['tile8', 'tile8', 'gather']
+    gather = msd.run(N=4, stages=(0, ), dtype=torch.bfloat16, path=0)
+    assert [r['path'] for r in gather] == ['gather'] * 3
+    assert rows[0]['x_hbm_floor'] < gather[0]['x_hbm_floor']
+    assert rows[0]['hbm_floor_us'] == gather[0]['hbm_floor_us']
+    for r in rows:
+        assert r['model_us'] == max(r['hbm_us'], r['l2_us'], r['lsu_us'], r['issue_us'])
+        assert r['issue_us'] >= r['ffma_floor_us']  # nothing beats the FFMAs
+    paths = msd.compare_paths(N=2, stages=(0, 1))
+    assert sorted({(r['stage'], r['path']) for r in paths}) == [
+        (s, p) for s in (1, 2) for p in ('gather', 'tile2', 'tile4', 'tile8')]

@@ -63,7 +63,7 @@ from .._errors import ArgumentError
 from ._common import check_same_device, check_tensor, next_pow2, use_gpu_config
 from .gelu_grn import check_hidden
 
-KERNELS = ('pw1', 'pw2', 'dv', 'dw2')
+KERNELS = ('pw1', 'pw2', 'dv', 'dw2', 'dw2_dr')
 # SMs of an H100/H200, and the programs wanted for the pixel-reducing dW2
 # GEMM (at least two waves)
 _SMS = 132
@@ -249,27 +249,30 @@ def _dw2_kernel(
         acc += db2[:, None] * beta[None, :]
         tl.store(DBP + cb * K + k, tl.sum(w0 * db2[:, None], axis=0),
                  mask=kmask)
+    # this program's pixels of each sample: [p_lo, p_lo + p_n), whole
+    # BP steps only up to the sample's end (no padded split)
+    p_n = tl.minimum(HW - p_lo, P_SPLIT)
     for n in range(N):
         rs = tl.load(R + n * C + c, mask=cmask, other=0.)
+        sc = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
         g_ptrs = G + n * HW * C + (p_lo + q)[None, :] * C + c[:, None]
         h_ptrs = Hp + n * HW * K + (p_lo + q)[:, None] * K + k[None, :]
-        pn = tl.zeros((BC, BK), dtype=tl.float32)
-        for p0 in range(0, P_SPLIT, BP):
-            pm = (p_lo + p0 + q) < HW
-            g = tl.load(g_ptrs, mask=cmask[:, None] & pm[None, :],
-                        other=0.).to(tl.float32)
-            if not NEED_DR:
-                g = g * rs[:, None]
-            h = tl.load(h_ptrs, mask=pm[:, None] & kmask[None, :],
-                        other=0.).to(tl.float32)
-            u = _gelu(h).to(Hp.dtype.element_ty)
-            pn = tl.dot(g.to(Hp.dtype.element_ty), u, pn,
-                        input_precision=PREC)
-            g_ptrs += BP * C
-            h_ptrs += BP * K
-        sc = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
-        sp = pn * sc[None, :]
         if NEED_DR:
+            # the r grad needs this sample's product alone: a second
+            # accumulator, the GRN scale and r applied after the pixels
+            pn = tl.zeros((BC, BK), dtype=tl.float32)
+            for p0 in range(0, p_n, BP):
+                pm = (p0 + q) < p_n
+                g = tl.load(g_ptrs, mask=cmask[:, None] & pm[None, :],
+                            other=0.).to(tl.float32)
+                h = tl.load(h_ptrs, mask=pm[:, None] & kmask[None, :],
+                            other=0.).to(tl.float32)
+                u = _gelu(h).to(Hp.dtype.element_ty)
+                pn = tl.dot(g.to(Hp.dtype.element_ty), u, pn,
+                            input_precision=PREC)
+                g_ptrs += BP * C
+                h_ptrs += BP * K
+            sp = pn * sc[None, :]
             acc += rs[:, None] * sp
             # W2 re-read per sample (L2): not held in registers across the
             # pixel loop (the register budget of the two accumulators)
@@ -279,7 +282,21 @@ def _dw2_kernel(
             tl.store(DRP + ((s * tl.num_programs(1) + kb) * N + n) * C + c,
                      tl.sum(w * sp, axis=1) + cs * wbeta, mask=cmask)
         else:
-            acc += sp
+            # one accumulator over all samples: r scales the g tile and the
+            # GRN scale the u tile as they are loaded (u * scale rounded to
+            # the compute dtype: the forward pw2 GEMM's own A operand)
+            for p0 in range(0, p_n, BP):
+                pm = (p0 + q) < p_n
+                g = tl.load(g_ptrs, mask=cmask[:, None] & pm[None, :],
+                            other=0.).to(tl.float32)
+                h = tl.load(h_ptrs, mask=pm[:, None] & kmask[None, :],
+                            other=0.).to(tl.float32)
+                u = _gelu(h).to(Hp.dtype.element_ty).to(tl.float32)
+                qs = (u * sc[None, :]).to(Hp.dtype.element_ty)
+                acc = tl.dot((g * rs[:, None]).to(Hp.dtype.element_ty), qs,
+                             acc, input_precision=PREC)
+                g_ptrs += BP * C
+                h_ptrs += BP * K
     tl.store(DW2P + s * C * K + c[:, None] * K + k[None, :], acc, mask=m2)
 
 
@@ -304,10 +321,14 @@ class GemmConfig:
 # (BM, BN, BK, warps, stages): GPU tiles sized for wgmma (M = 128 rows per
 # warpgroup pair) and a register budget without spills (the static gate);
 # interpreter tiles small (tests run hold-out shapes in seconds).
+# dw2_dr (the dW2 GEMM with the layer-scale grad) keeps a second per-sample
+# accumulator: half the tile.
 _GPU_TILES = {'pw1': (128, 128, 64, 8, 3), 'pw2': (128, 128, 64, 8, 3),
-              'dv': (128, 128, 64, 8, 3), 'dw2': (128, 64, 64, 8, 3)}
+              'dv': (128, 128, 64, 8, 3), 'dw2': (128, 128, 64, 8, 3),
+              'dw2_dr': (128, 64, 64, 8, 3)}
 _INTERP_TILES = {'pw1': (32, 32, 32, 4, 1), 'pw2': (32, 32, 32, 4, 1),
-                 'dv': (32, 32, 32, 4, 1), 'dw2': (32, 32, 32, 4, 1)}
+                 'dv': (32, 32, 32, 4, 1), 'dw2': (32, 32, 32, 4, 1),
+                 'dw2_dr': (32, 32, 32, 4, 1)}
 
 
 def launch_config(kernel: str, N: int, HW: int, C: int, K: int,
@@ -327,7 +348,7 @@ def launch_config(kernel: str, N: int, HW: int, C: int, K: int,
 @functools.lru_cache(maxsize=4096)
 def _launch_config(kernel, N, HW, C, K, gpu, min_programs) -> GemmConfig:
     BM, BN, BK, warps, stages = (_GPU_TILES if gpu else _INTERP_TILES)[kernel]
-    if kernel == 'dw2':
+    if kernel in ('dw2', 'dw2_dr'):
         BC, BKk, BP = BM, BN, BK
         if not gpu:  # interpreter: no wider than the problem
             BC, BKk = min(BC, next_pow2(C)), min(BKk, next_pow2(K))
@@ -347,18 +368,20 @@ def _launch_config(kernel, N, HW, C, K, gpu, min_programs) -> GemmConfig:
 
 def _dw2_split(HW, BP, tiles, gpu, min_programs):
     """Pixels per dW2 program per sample (a multiple of BP).  GPU: at least
-    ``min_programs`` programs over the (C, K) tiles and the splits, the
-    split count chosen up to 2x that for the best wave efficiency (programs
-    / whole waves of 132 SMs; fewer programs on ties).  Interpreter: two
-    splits where the pixels allow (the tests exercise the partial sum)."""
+    ``min_programs`` programs over the (C, K) tiles and the splits where
+    the pixels allow, the split count chosen up to 2x that for the best
+    efficiency = useful pixel work / (whole waves of 132 SMs x the longest
+    program's pixels) -- a short last split counts as idle time; fewer
+    programs on ties.  Interpreter: two splits where the pixels allow (the
+    tests exercise the partial sum)."""
     if not gpu:
         return max(BP, triton.cdiv(triton.cdiv(HW, 2), BP) * BP)
     best = None
     lo = triton.cdiv(min_programs, tiles)
     for want in range(lo, 2 * lo + 1):
-        split = max(BP, HW // want // BP * BP)
+        split = max(BP, triton.cdiv(triton.cdiv(HW, want), BP) * BP)
         progs = triton.cdiv(HW, split) * tiles
-        eff = progs / (triton.cdiv(progs, _SMS) * _SMS)
+        eff = HW * tiles / (triton.cdiv(progs, _SMS) * _SMS * split)
         if best is None or (eff, -progs) > best[0]:
             best = ((eff, -progs), split)
         if split == BP:
@@ -482,7 +505,7 @@ def dw2_backward(dout, r, h, scale, w2, beta, db2, colsum, need_dr=False):
     check_tensor(beta, 'grn_beta', shape=(K, ))
     check_tensor(db2, 'db2', shape=(C, ), dtypes=f32)
     check_tensor(colsum, 'colsum', shape=(N, C), dtypes=f32)
-    cfg = launch_config('dw2', N, HW, C, K)
+    cfg = launch_config('dw2_dr' if need_dr else 'dw2', N, HW, C, K)
     S, KB = cfg.grid[2], cfg.grid[1]
     dev = h.device
     part = torch.empty((S, C, K), device=dev, dtype=torch.float32)

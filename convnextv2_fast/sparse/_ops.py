@@ -44,19 +44,25 @@ def sparse_ops():
 
 
 STALE_BUILD = ('the compiled extension predates the [49, C]-taps / [M, 49] neighbour-row '
-               'op signature (a stale build): rebuild it with `python setup.py build_ext '
-               '--inplace`')
+               'op signature or the tile op sparse_dwconv_tile_fwd (a stale build): '
+               'rebuild it with `python setup.py build_ext --inplace`')
 
 
 def schema_current() -> bool:
-    """True when the loaded ops take the per-stage neighbour-row table."""
-    return 'nbr_rows' in str(torch.ops.convnextv2_fast.sparse_dwconv_fwd.default._schema)
+    """True when the loaded ops take the per-stage neighbour-row table and have
+    the tile path (``sparse_dwconv_tile_fwd``)."""
+    return ('nbr_rows' in str(torch.ops.convnextv2_fast.sparse_dwconv_fwd.default._schema)
+            and hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_tile_fwd'))
 
 
 def _register_fakes():
 
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_fwd')
     def _fwd_fake(feats, taps, bias, nbr_rows):
+        return torch.empty_like(feats)
+
+    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_tile_fwd')
+    def _tile_fwd_fake(feats, taps, bias, halo_rows, tile):
         return torch.empty_like(feats)
 
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_bwd_weight')

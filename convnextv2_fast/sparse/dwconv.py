@@ -6,7 +6,12 @@ One op, top to bottom:
    ``torch.ops.convnextv2_fast.sparse_dwconv_fwd(feats, taps [49, C], bias,
    nbr_rows)`` / ``..._bwd_weight(grad_out, feats, nbr_rows) -> (grad_taps [49, C],
    grad_bias)``) calling one arithmetic, ``sparse_dwconv_math.h``; ``nbr_rows`` is
-   :meth:`StageLayout.neighbour_rows`, built once per stage;
+   :meth:`StageLayout.neighbour_rows`, built once per stage.  The forward and
+   the input gradient take the tile path, ``sparse_dwconv_tile_fwd(feats, taps,
+   bias, halo_rows, tile)``, where :func:`conv_tile` picks a tile size: each
+   tile's halo is staged once (shared memory on the GPU, zeros for absent
+   pixels) and the dense 7x7 stencil runs on it — the same result as the
+   gather, bit for bit, without the [M, 49] table reads;
 2. host functions :func:`sparse_dwconv_forward` / :func:`sparse_dwconv_backward`
    (validate, call the op, return tensors; testable without autograd).  The
    input gradient is the forward op with the taps reversed (the submanifold
@@ -68,35 +73,73 @@ def _taps(weight2d: torch.Tensor, flip: bool = False) -> torch.Tensor:
     return w.t().contiguous()
 
 
+TILES = (2, 4, 8)  # tile sizes the compiled tile path is instantiated for
+# The layout tiles whose stages take the tile path by default, per device type.
+# GPU, from benchmarks/model_sparse_dwconv.py (model, not a GPU measurement;
+# V2-B 224^2, mask 0.6, bf16, x HBM floor gather -> tile): 8x8 7.1 -> 3.0,
+# 4x4 7.1 -> 3.7, 2x2 7.1 -> 7.6 (each 2x2 tile stages 64 halo pixels for 4
+# outputs: L2 and shared-memory traffic eat the gain), 1x1 7.1 -> 19 (tile2).
+# CPU (measured, C++ twin, fp32, 2 threads, V2-B widths): 8x8 is faster than
+# the gather (8.4 vs 9.2 ms at stage 1, 8 images), 4x4 and 2x2 slower (5.6 vs
+# 4.8 ms, 5.1 vs 2.4 ms): the twin's un-unrolled stencil pays for the staging.
+TILE_PATH = {'cuda': (4, 8), 'cpu': (8, )}
+
+
+def conv_tile(layout: StageLayout, tile: Optional[int] = None,
+              device_type: Optional[str] = None) -> int:
+    """Tile size of the forward / input-gradient path: ``tile`` when given
+    (0 = the per-row gather through :meth:`StageLayout.neighbour_rows`, or 2, 4,
+    8), else the layout's FCMAE tile when :data:`TILE_PATH` lists it for the
+    device type (that of the layout; the numbers behind the choice are there),
+    else 0.  Both paths give the same result bit for bit."""
+    if tile is None:
+        dev = device_type or layout.site.device.type
+        return layout.tile if layout.tile in TILE_PATH.get(dev, TILE_PATH['cuda']) else 0
+    if tile != 0 and tile not in TILES:
+        raise ArgumentError(f'tile must be 0 (gather) or one of {TILES}, got {tile}.')
+    return tile
+
+
+def _conv_op(ops, x, taps, bias, layout, tile):
+    """The forward op (x = feats, taps) or the input gradient (x = grad_out, taps
+    reversed) on the path ``tile`` (:func:`conv_tile`)."""
+    if tile:
+        return ops.sparse_dwconv_tile_fwd(x, taps, bias, layout.tile_halo_rows(tile), tile)
+    return ops.sparse_dwconv_fwd(x, taps, bias, layout.neighbour_rows())
+
+
 def sparse_dwconv_forward(feats: torch.Tensor, weight2d: torch.Tensor,
                           bias: Optional[torch.Tensor], layout: StageLayout,
-                          ops=None) -> torch.Tensor:
-    """out[M, C] with the compiled op; weight2d (C, 49)/bias already in feats' dtype."""
+                          ops=None, tile: Optional[int] = None) -> torch.Tensor:
+    """out[M, C] with the compiled op; weight2d (C, 49)/bias already in feats' dtype;
+    ``tile``: see :func:`conv_tile`."""
     ops = ops or sparse_ops()
-    return ops.sparse_dwconv_fwd(feats.contiguous(), _taps(weight2d),
-                                 None if bias is None else bias.contiguous(),
-                                 layout.neighbour_rows())
+    return _conv_op(ops, feats.contiguous(), _taps(weight2d),
+                    None if bias is None else bias.contiguous(), layout,
+                    conv_tile(layout, tile))
 
 
 def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
                            weight2d: torch.Tensor, layout: StageLayout,
                            need_input: bool = True, need_weight: bool = True,
-                           ops=None) -> Tuple[Optional[torch.Tensor],
+                           ops=None, tile: Optional[int] = None) -> Tuple[Optional[torch.Tensor],
                                               Optional[torch.Tensor],
                                               Optional[torch.Tensor]]:
     """(grad_feats, grad_weight2d (C, 49) fp32, grad_bias fp32); None where not needed.
 
     The input gradient is the forward op on ``grad_out`` with the taps reversed
-    and the same neighbour-row table; the weight gradient reads that table too.
+    (same path, ``tile``: :func:`conv_tile`); the weight gradient reads the
+    neighbour-row table.
     """
     ops = ops or sparse_ops()
     grad_out = grad_out.contiguous()
-    rows = layout.neighbour_rows()
     gin = gw = gb = None
     if need_input:
-        gin = ops.sparse_dwconv_fwd(grad_out, _taps(weight2d, flip=True), None, rows)
+        gin = _conv_op(ops, grad_out, _taps(weight2d, flip=True), None, layout,
+                       conv_tile(layout, tile))
     if need_weight:
-        gw, gb = ops.sparse_dwconv_bwd_weight(grad_out, feats.contiguous(), rows)
+        gw, gb = ops.sparse_dwconv_bwd_weight(grad_out, feats.contiguous(),
+                                              layout.neighbour_rows())
         gw = gw.t()
     return gin, gw, gb
 

@@ -11,6 +11,10 @@ features are kept compact as rows ``[M, C]`` ordered by flat position
 * :meth:`StageLayout.neighbour_rows` (int32 [M, 49], cached): the 49 neighbour
   rows of each row (``-1`` = absent), what the compiled 7x7 submanifold conv
   reads — built once per stage, shared by every block and pass,
+* :meth:`StageLayout.tile_halo_rows` (int32 [K, (T + 6)^2], cached per T): per
+  aligned T x T tile holding a visible site, the rows of its 7x7-conv halo
+  region (``-1`` = absent), what the tile path of the conv reads instead of the
+  [M, 49] table; ``tile`` is the stage's FCMAE tile size (1 for a general layout),
 * ``sample`` (int64 [M]) and ``counts`` (int64 [N]): row -> sample, rows per sample.
 
 Because tiles align across stages, the 2x2/s2 downsample of a visible coarse
@@ -35,6 +39,7 @@ class StageLayout:
     sample: torch.Tensor    # int64 [M]
     counts: torch.Tensor    # int64 [N]
     equal_counts: int       # rows per sample when every sample has the same count, else 0
+    tile: int = 1           # visible sites are whole aligned tile x tile blocks
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -70,6 +75,34 @@ class StageLayout:
             rows = torch.where(inside, rows, torch.full_like(rows, -1))
             self._cache['rows'] = rows.reshape(-1, 49).contiguous()
         return self._cache['rows']
+
+    def tile_halo_rows(self, tile: int) -> torch.Tensor:
+        """int32 [K, (tile + 6)^2]: for each aligned ``tile`` x ``tile`` block of the
+        map that holds a visible site (ordered by sample, block row, block
+        column), the row of every pixel of its (tile + 6)^2 halo region starting
+        at (ty * tile - 3, tx * tile - 3), row-major, or ``-1`` (outside the map
+        or invisible).  The block's own pixels are entries (py + 3) * (tile + 6)
+        + px + 3, so every visible row is an own pixel of exactly one block.
+
+        Built once per stage and tile size and cached; the tile path of the
+        forward and the input gradient reads it (sparse_dwconv_math.h)."""
+        key = ('halo', tile)
+        if key not in self._cache:
+            n_, h_, w_ = self.nbr.shape
+            s = self.site_long()
+            n, h, w = s // (h_ * w_), (s // w_) % h_, s % w_
+            th, tw = -(-h_ // tile), -(-w_ // tile)
+            blocks = torch.unique((n * th + h // tile) * tw + w // tile)  # sorted
+            bn, by, bx = blocks // (th * tw), (blocks // tw) % th, blocks % tw
+            d = torch.arange(tile + 6, device=s.device) - 3
+            y = (by * tile)[:, None, None] + d[None, :, None]
+            x = (bx * tile)[:, None, None] + d[None, None, :]
+            inside = (y >= 0) & (y < h_) & (x >= 0) & (x < w_)
+            flat = (bn[:, None, None] * h_ + y.clamp(0, h_ - 1)) * w_ + x.clamp(0, w_ - 1)
+            rows = self.nbr.reshape(-1)[flat]
+            rows = torch.where(inside, rows, torch.full_like(rows, -1))
+            self._cache[key] = rows.reshape(blocks.numel(), -1).contiguous()
+        return self._cache[key]
 
     def neighbour_table(self) -> torch.Tensor:
         """int64 [M, 49]: :meth:`neighbour_rows` with ``-1`` replaced by ``M`` (a
@@ -133,10 +166,12 @@ def check_input_size(h: int, w: int, patch_size: int) -> None:
             'every stage).')
 
 
-def layout_from_visibility(vis: torch.Tensor) -> StageLayout:
+def layout_from_visibility(vis: torch.Tensor, tile: int = 1) -> StageLayout:
     """StageLayout of an arbitrary bool visibility map (N, H, W) (True = visible).
 
-    The ops do not need tiles; FCMAE's layouts come from :func:`build_layouts`."""
+    The ops do not need tiles; FCMAE's layouts come from :func:`build_layouts`
+    (``tile``: the size of the aligned blocks the visible sites form, recorded
+    for the conv's tile path; 1 = no structure assumed)."""
     if vis.dtype != torch.bool or vis.dim() != 3:
         raise ArgumentError(
             f'vis must be a bool (N, H, W) tensor, got {vis.dtype} {tuple(vis.shape)}.')
@@ -150,7 +185,7 @@ def layout_from_visibility(vis: torch.Tensor) -> StageLayout:
     return StageLayout(site=site.to(torch.int32), nbr=nbr.view(n, hh, ww),
                        sample=sample, counts=counts,
                        equal_counts=cmin if cmin == cmax and cmin > 0 else 0,
-                       _cache={'site_long': site})
+                       tile=tile, _cache={'site_long': site})
 
 
 def build_layouts(mask: torch.Tensor, img_h: int, img_w: int, patch_size: int,
@@ -163,7 +198,7 @@ def build_layouts(mask: torch.Tensor, img_h: int, img_w: int, patch_size: int,
         tile = patch_size // stride
         vis = visible.repeat_interleave(tile, 1).repeat_interleave(tile, 2)
         assert vis.shape[1:] == (img_h // stride, img_w // stride)
-        layouts.append(layout_from_visibility(vis))
+        layouts.append(layout_from_visibility(vis, tile=tile))
     return layouts
 
 

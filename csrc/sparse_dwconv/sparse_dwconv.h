@@ -13,6 +13,17 @@
 // The input gradient is the same op with the taps reversed (taps[48 - t]; submanifold
 // neighbourhoods are symmetric), so it needs no kernel of its own.
 //
+// Tile path of the forward / input gradient (same result as the gather path
+// above, bit for bit under one compiler; see sparse_dwconv_math.h, "Tile path"):
+//   halo_rows [K, (tile + 6)^2] int32  per tile (an aligned tile x tile block of
+//            the stage map, tile = 2, 4 or 8) the rows of its (tile + 6)^2 halo
+//            pixels, -1 = absent (StageLayout.tile_halo_rows(tile)); every
+//            visible site is an own pixel of exactly one tile.
+//   out[m, c] as above for the rows that are own pixels of a tile; rows of no
+//   tile are NOT written (the layout's tiles cover every row).
+// Each tile's halo is staged once per channel group (shared memory on the GPU)
+// and the dense 7x7 stencil runs on it: no [M, 49] table reads.
+//
 // Weight/bias gradient: deterministic.  Rows are split into fixed chunks of
 // sdw::kWgradRowsPerChunk; each chunk writes fp32 (fp64 for fp64) partials
 // [chunks, 50, C] (49 taps + bias), summed afterwards in chunk order.  No float
@@ -48,9 +59,29 @@ void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
 void check_sparse_dwconv_bwd_weight_args(const at::Tensor& grad_out, const at::Tensor& feats,
                                          const at::Tensor& nbr_rows);
 
+// Tile sizes with an instantiation (the template parameter TS of the tile path).
+// Calls f(std::integral_constant<int, TS>{}) for the runtime tile size.
+template <typename F>
+void dispatch_tile(int tile, F&& f) {
+  switch (tile) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: TORCH_CHECK(false, "sparse_dwconv_tile_fwd: tile must be 2, 4 or 8, got ", tile);
+  }
+}
+
+// Checks of the tile op's arguments (both twins); returns the number of tiles.
+int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile);
+
 at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias,
                                  const at::Tensor& nbr_rows);
+at::Tensor sparse_dwconv_tile_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
 
@@ -58,6 +89,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
 at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
                                   const c10::optional<at::Tensor>& bias,
                                   const at::Tensor& nbr_rows);
+at::Tensor sparse_dwconv_tile_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
+                                       const c10::optional<at::Tensor>& bias,
+                                       const at::Tensor& halo_rows, int64_t tile);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
 #endif

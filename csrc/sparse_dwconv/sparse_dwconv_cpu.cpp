@@ -12,16 +12,18 @@
 
 namespace convnextv2_fast {
 
-void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
-                              const c10::optional<at::Tensor>& bias,
-                              const at::Tensor& nbr_rows, const char* op) {
+namespace {
+
+// feats / taps / bias checks shared by the gather and the tile ops.
+void check_feats_taps_bias(const at::Tensor& feats, const at::Tensor& taps,
+                           const c10::optional<at::Tensor>& bias, const char* op) {
   TORCH_CHECK(feats.dim() == 2, op, ": feats must be a 2-D [M, C] tensor of visible-site "
               "features, got ", feats.dim(), " dims");
   TORCH_CHECK(feats.is_contiguous(), op, ": feats must be contiguous");
   const auto st = feats.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble,
               op, ": feats must be float32, float16, bfloat16 or float64, got ", st);
-  const int64_t M = feats.size(0), C = feats.size(1);
+  const int64_t C = feats.size(1);
   TORCH_CHECK(C > 0, op, ": feats must have at least one channel");
   TORCH_CHECK(taps.dim() == 2 && taps.size(0) == kTaps && taps.size(1) == C, op,
               ": taps must have shape [49, C] = [49, ", C, "] (depthwise 7x7 taps, tap-major), "
@@ -37,6 +39,15 @@ void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
     TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
     TORCH_CHECK(bias->device() == feats.device(), op, ": bias must be on the feats device");
   }
+}
+
+}  // namespace
+
+void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
+                              const c10::optional<at::Tensor>& bias,
+                              const at::Tensor& nbr_rows, const char* op) {
+  check_feats_taps_bias(feats, taps, bias, op);
+  const int64_t M = feats.size(0), C = feats.size(1);
   TORCH_CHECK(nbr_rows.dim() == 2 && nbr_rows.size(0) == M && nbr_rows.size(1) == kTaps, op,
               ": nbr_rows must be an [M, 49] = [", M, ", 49] neighbour-row table "
               "(StageLayout.neighbour_rows()), got ", nbr_rows.sizes());
@@ -48,6 +59,28 @@ void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
   // int32 indexing everywhere: row * C, row * 49 and chunk * 50 * C must fit.
   TORCH_CHECK(M * std::max<int64_t>(C, kTaps + 1) < (int64_t(1) << 31), op,
               ": too many elements for int32 indexing (M * max(C, 50) must be < 2^31)");
+}
+
+int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile) {
+  const char* op = "sparse_dwconv_tile_fwd";
+  check_feats_taps_bias(feats, taps, bias, op);
+  TORCH_CHECK(tile == 2 || tile == 4 || tile == 8, op, ": tile must be 2, 4 or 8, got ", tile);
+  const int64_t halo = (tile + 6) * (tile + 6);
+  TORCH_CHECK(halo_rows.dim() == 2 && halo_rows.size(1) == halo, op,
+              ": halo_rows must be a [K, (tile + 6)^2] = [K, ", halo, "] tile halo table "
+              "(StageLayout.tile_halo_rows(", tile, ")), got ", halo_rows.sizes());
+  TORCH_CHECK(halo_rows.scalar_type() == at::kInt, op, ": halo_rows must be int32, got ",
+              halo_rows.scalar_type());
+  TORCH_CHECK(halo_rows.is_contiguous(), op, ": halo_rows must be contiguous");
+  TORCH_CHECK(halo_rows.device() == feats.device(), op,
+              ": halo_rows must be on the feats device");
+  const int64_t M = feats.size(0), C = feats.size(1), K = halo_rows.size(0);
+  TORCH_CHECK(M * C < (int64_t(1) << 31) && K * halo < (int64_t(1) << 31), op,
+              ": too many elements for int32 indexing (M * C and K * (tile + 6)^2 must be "
+              "< 2^31)");
+  return K;
 }
 
 void check_sparse_dwconv_bwd_weight_args(const at::Tensor& grad_out, const at::Tensor& feats,
@@ -105,6 +138,56 @@ at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps
           for (int c0 = 0; c0 < C; c0 += V)
             sdw::conv_rows<scalar_t, V>(nb, x, w, b, C, c0, m0, m1, 1, y);
         }
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor sparse_dwconv_tile_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile) {
+  const int64_t K = check_sparse_dwconv_tile_args(feats, taps, bias, halo_rows, tile);
+  TORCH_CHECK(feats.device().is_cpu(), "sparse_dwconv_tile_fwd_cpu: feats must be a CPU tensor");
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto out = at::empty_like(feats);
+  const int C = static_cast<int>(feats.size(1));
+  if (K == 0 || feats.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "sparse_dwconv_tile_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const scalar_t* w = taps.const_data_ptr<scalar_t>();
+    const scalar_t* b = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const int32_t* halo_all = halo_rows.const_data_ptr<int32_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const int vec = cpu_vec<scalar_t>(C, {x, w, b, y});
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    dispatch_tile(static_cast<int>(tile), [&](auto tc) {
+      constexpr int TS = decltype(tc)::value;
+      constexpr int HP = sdw::TileGeom<TS>::kHaloPx;
+      dispatch_vec<16, 8, 4, 2, 1>(vec, [&](auto vc) {
+        constexpr int V = decltype(vc)::value;
+        // One task = whole tiles, all channels: the tile's halo is staged once
+        // into a [HP, C] opmath buffer (pitch C; 64-byte aligned allocation),
+        // then every pixel-row and channel group runs the shared stencil.
+        at::parallel_for(0, K, 1, [&](int64_t kb, int64_t ke) {
+          auto buf_t = at::empty({HP * int64_t(C)}, feats.options().dtype(acc_dtype));
+          acc_t* buf = buf_t.mutable_data_ptr<acc_t>();
+          for (int64_t k = kb; k < ke; ++k) {
+            const int32_t* halo = halo_all + k * HP;
+            for (int p = 0; p < HP; ++p)
+              for (int c0 = 0; c0 < C; c0 += V)
+                sdw::stage_halo_px<scalar_t, V>(halo, p, x, C, c0, buf + p * C + c0);
+            for (int c0 = 0; c0 < C; c0 += V) {
+              acc_t init[V];
+              sdw::bias_init<scalar_t, V>(b, c0, init);
+              for (int py = 0; py < TS; py += sdw::TileGeom<TS>::kRows)
+                sdw::conv_tile_rows<scalar_t, V, TS, sdw::TileGeom<TS>::kRows>(
+                    buf, C, c0, py, w, C, c0, init, halo, y);
+            }
+          }
+        });
       });
     });
   });

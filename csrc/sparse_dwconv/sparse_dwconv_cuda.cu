@@ -9,6 +9,16 @@
 // per row 49 branch-free 8-byte gathers + fp32 FMAs.  Neighbour rows come
 // from the per-stage [M, 49] int32 table (a broadcast load: every lane of a
 // row reads the same word).  int32 indexing.
+// Tile path (forward / input gradient, sparse_dwconv_tile_fwd): one CTA per
+// (tile, chunk of kTileCh = 32 channels).  The CTA stages the tile's
+// (TS + 6)^2 halo pixels x 32 channels in shared memory as fp32, with
+// 16-byte loads (VS channels a lane; zeros for absent pixels, no load).
+// Then thread (x, y) computes channel cbase + x (one channel: its 49 taps
+// stay in 49 registers) for tile pixel-rows R y .. R y + R - 1 (R =
+// min(TS, 4)), all TS columns: per thread (R + 6)(TS + 6) shared loads and
+// 49 R TS FFMAs (conv_tile_rows).  Threads (32, TS / R).  No [M, 49] table: one
+// int32 halo row per tile.  Shared memory (static, so the static gate sees
+// it): (TS + 6)^2 * 32 * 4 B = 25 KB (TS = 8), 12.5 KB (4), 8 KB (2).
 // Weight/bias gradient: one CTA per chunk of kWgradRowsPerChunk rows, thread x
 // owns a group of V = 2 channels and its 50 x 2 fp32 accumulators (49 taps +
 // bias) in registers: one pass over dy and x of the chunk, every tap inside.
@@ -34,6 +44,9 @@ constexpr int kThreads = 256;         // max threads per CTA (launch bounds)
 constexpr int kFwdRowsPerThread = 8;  // rows per thread per channel group (tap reuse)
 constexpr int kWgradVec = 2;          // channels per thread in the weight gradient
 constexpr int kReduceThreads = 256;
+constexpr int kTileCh = 32;           // channels per CTA of the tile path
+constexpr int kTileThreads = 64;      // upper bound: kTileCh * TS / R <= 32 * 2
+
 
 // fp32 / fp16 / bf16 (fp64 is CPU-only).
 #define CNX_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                    \
@@ -72,6 +85,37 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_dwconv_fwd_kernel(
   const int m1 = min(M, m0 + rows_per_cta);
   for (int g = threadIdx.x; g * V < C; g += blockDim.x)
     sdw::conv_rows<T, V>(nbr, x, taps, bias, C, g * V, m0 + threadIdx.y, m1, blockDim.y, out);
+}
+
+template <typename T, int VS, int TS>
+__global__ void __launch_bounds__(kTileThreads) sparse_dwconv_tile_fwd_kernel(
+    const T* __restrict__ x,            // [M, C] feats (or grad_out for the input grad)
+    const T* __restrict__ taps,         // [49, C] (reversed for the input grad)
+    const T* __restrict__ bias,         // [C] or nullptr
+    const int32_t* __restrict__ halo_rows,  // [K, (TS + 6)^2] halo rows, -1 = absent
+    T* __restrict__ out,                // [M, C]
+    int C) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kHaloPx = sdw::TileGeom<TS>::kHaloPx;
+  constexpr int R = sdw::TileGeom<TS>::kRows;
+  constexpr int kStageGroups = kTileCh / VS;  // lanes staging one pixel
+  constexpr int kNumThreads = kTileCh * (TS / R);
+  __shared__ __align__(32) acc_t buf[kHaloPx * kTileCh];
+  const int32_t* halo = halo_rows + blockIdx.x * kHaloPx;
+  const int cbase = blockIdx.y * kTileCh;
+  const int tid = threadIdx.y * kTileCh + threadIdx.x;
+  for (int i = tid; i < kHaloPx * kStageGroups; i += kNumThreads) {
+    const int p = i / kStageGroups, g = i % kStageGroups;
+    if (cbase + g * VS < C)
+      sdw::stage_halo_px<T, VS>(halo, p, x, C, cbase + g * VS, buf + p * kTileCh + g * VS);
+  }
+  __syncthreads();
+  const int c0 = cbase + threadIdx.x;
+  if (c0 >= C) return;
+  acc_t init[1];
+  sdw::bias_init<T, 1>(bias, c0, init);
+  sdw::conv_tile_rows<T, 1, TS, R>(buf, kTileCh, threadIdx.x, threadIdx.y * R, taps, C, c0,
+                                   init, halo, out);
 }
 
 template <typename T, int V>
@@ -132,6 +176,43 @@ at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& tap
     };
     if constexpr (kVmax == 4) dispatch_vec<4, 2, 1>(vec, launch);
     else dispatch_vec<2, 1>(vec, launch);
+  });
+  return out;
+}
+
+at::Tensor sparse_dwconv_tile_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
+                                       const c10::optional<at::Tensor>& bias,
+                                       const at::Tensor& halo_rows, int64_t tile) {
+  const int64_t K = check_sparse_dwconv_tile_args(feats, taps, bias, halo_rows, tile);
+  TORCH_CHECK(feats.is_cuda(), "sparse_dwconv_tile_fwd_cuda: feats must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(feats.device());
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto out = at::empty_like(feats);
+  const int C = static_cast<int>(feats.size(1));
+  if (K == 0 || feats.size(0) == 0) return out;
+  TORCH_CHECK(K < (int64_t(1) << 31), "sparse_dwconv_tile_fwd_cuda: too many tiles");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  CNX_DISPATCH_FLOAT_HALF_BF16(feats.scalar_type(), "sparse_dwconv_tile_fwd_cuda", [&] {
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const scalar_t* w = taps.const_data_ptr<scalar_t>();
+    const scalar_t* b = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const int32_t* hr = halo_rows.const_data_ptr<int32_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    // Staging: 16-byte loads (8 channels of fp16/bf16, 4 of fp32) where C and the
+    // feats pointer allow it, else one channel a lane.
+    constexpr int kVS = 16 / sizeof(scalar_t);
+    const int vec = sdw::pick_vec(C, kVS, {x}, sizeof(scalar_t)) == kVS ? kVS : 1;
+    dispatch_tile(static_cast<int>(tile), [&](auto tc) {
+      constexpr int TS = decltype(tc)::value;
+      dispatch_vec<kVS, 1>(vec, [&](auto vc) {
+        constexpr int VS = decltype(vc)::value;
+        const dim3 grid(static_cast<unsigned>(K), (C + kTileCh - 1) / kTileCh);
+        const dim3 block(kTileCh, TS / sdw::TileGeom<TS>::kRows);
+        sparse_dwconv_tile_fwd_kernel<scalar_t, VS, TS><<<grid, block, 0, stream>>>(
+            x, w, b, hr, y, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
   });
   return out;
 }

@@ -114,14 +114,10 @@ CNX_HD Vec<T, V> conv_row(const int32_t* CNX_RESTRICT nb, const T* CNX_RESTRICT 
 // taps loaded once (registers on the GPU) and reused for every row.  The GPU
 // thread (y, group) calls it with (m0 + y, m1, blockDim.y), the C++ twin with
 // (m0, m1, 1).  `bias` may be null.
+// init[v] = bias[c0 + v] in opmath, or 0 without a bias (may be null).
 template <typename T, int V>
-CNX_HD void conv_rows(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRICT x,
-                      const T* CNX_RESTRICT taps, const T* CNX_RESTRICT bias, int C, int c0,
-                      int m_begin, int m_end, int m_step, T* CNX_RESTRICT out) {
+CNX_HD void bias_init(const T* CNX_RESTRICT bias, int c0, at::opmath_type<T> (&init)[V]) {
   using acc_t = at::opmath_type<T>;
-  Vec<T, V> w[kTaps];
-  load_taps<T, V>(taps, C, c0, w);
-  acc_t init[V];
   if (bias != nullptr) {
     const Vec<T, V> b = load_vec<T, V>(bias + c0);
     CNX_UNROLL
@@ -130,8 +126,139 @@ CNX_HD void conv_rows(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRIC
     CNX_UNROLL
     for (int v = 0; v < V; ++v) init[v] = acc_t(0);
   }
+}
+
+template <typename T, int V>
+CNX_HD void conv_rows(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTRICT x,
+                      const T* CNX_RESTRICT taps, const T* CNX_RESTRICT bias, int C, int c0,
+                      int m_begin, int m_end, int m_step, T* CNX_RESTRICT out) {
+  using acc_t = at::opmath_type<T>;
+  Vec<T, V> w[kTaps];
+  load_taps<T, V>(taps, C, c0, w);
+  acc_t init[V];
+  bias_init<T, V>(bias, c0, init);
   for (int m = m_begin; m < m_end; m += m_step)
     store_vec<T, V>(out + m * C + c0, conv_row<T, V>(nbr_rows + m * kTaps, x, C, c0, w, init));
+}
+
+// ---------------------------------------------------------------------------
+// Tile path of the forward / input gradient.
+//
+// A tile is an aligned TS x TS block of the stage map (TS = 2, 4 or 8; FCMAE's
+// visible sites are whole tiles: 8x8 at stage 1, 4x4, 2x2, 1x1 later).  Its
+// halo row (int32, kHaloPx = (TS + 6)^2 entries, StageLayout.tile_halo_rows)
+// lists, row-major, the row of every pixel of the (TS + 6) x (TS + 6) region
+// from (ty * TS - 3, tx * TS - 3), or -1 (outside the map or invisible).  The
+// tile's own pixel (py, px) is entry (py + 3) * (TS + 6) + px + 3; -1 there =
+// no output (a tile may be partly visible: general layouts, super-tiles).
+//
+// Submanifold semantics, exactly those of conv_row: outputs only at visible
+// sites, inputs only from visible sites, an absent input contributes w * 0.
+// So EVERY tile takes this path: staging writes 0 for an absent halo pixel
+// (no load), and partial halos (image borders, masked neighbour tiles) need
+// no fallback.  Staged values are opmath (fp32; fp64 for double), converted
+// once when staged.
+template <int TS>
+struct TileGeom {
+  static constexpr int kSide = TS + 6;
+  static constexpr int kHaloPx = kSide * kSide;
+  // Pixel-rows per conv_tile_rows call (R), the same on both devices so the
+  // CPU tests run the GPU's instantiation: 4 rows x 8 columns of one channel
+  // (32 fp32 accumulators + 49 taps in registers, no spills at sm_90) for
+  // 8x8 tiles, the whole tile for 4x4 and 2x2.
+  static constexpr int kRows = TS < 4 ? TS : 4;
+};
+
+// Stage halo pixel p of channels [c0, c0 + V) to dst[0, V) (shared memory on
+// the GPU): the input converted to opmath, or 0 for an absent pixel.
+template <typename T, int V>
+CNX_HD void stage_halo_px(const int32_t* CNX_RESTRICT halo, int p, const T* CNX_RESTRICT x,
+                          int C, int c0, at::opmath_type<T>* CNX_RESTRICT dst) {
+  using acc_t = at::opmath_type<T>;
+  const int32_t r = halo[p];
+  Vec<acc_t, V> s;
+  if (r < 0) {
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) s.v[v] = acc_t(0);
+  } else {
+    const Vec<T, V> f = load_vec<T, V>(x + r * C + c0);
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) s.v[v] = static_cast<acc_t>(f.v[v]);
+  }
+  store_vec<acc_t, V>(dst, s);
+}
+
+// The R x TS outputs of tile pixel-rows py0 .. py0 + R - 1 (all TS columns),
+// channels [c0, c0 + V), from the staged halo: the value of halo pixel p,
+// channel c0 + v is buf[p * pitch + cc + v].  All 49 taps are loaded once
+// (converted to opmath; registers on the GPU), then the R + 6 halo rows the
+// block needs are streamed once: each staged value is loaded once and used
+// for every output it reaches (up to 7 columns x 7 rows), so a thread loads
+// (R + 6)(TS + 6) values for R TS outputs instead of 49 per output.  Each
+// output sums init + w[t] * x over t = dy * 7 + dx in increasing order
+// (halo row py0 + r + dy ascending, then column ascending) — conv_row's
+// order and operations — so the tile path equals the gather path bit for
+// bit under the same compiler, for every (V, R).  An invisible pixel is not
+// stored (no output); its FFMAs are spent anyway (no branch per row: FCMAE's
+// tiles are whole, so every pixel of a tile of the layout's own size is visible).
+template <typename T, int V, int TS, int R>
+CNX_HD void conv_tile_rows(const at::opmath_type<T>* CNX_RESTRICT buf, int pitch, int cc,
+                           int py0, const T* CNX_RESTRICT taps, int C, int c0,
+                           const at::opmath_type<T> (&init)[V],
+                           const int32_t* CNX_RESTRICT halo, T* CNX_RESTRICT out) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kSide = TileGeom<TS>::kSide;
+  static_assert(TS % R == 0, "conv_tile_rows: R must divide TS");
+  acc_t w[kTaps][V];
+  CNX_UNROLL
+  for (int t = 0; t < kTaps; ++t) {
+    const Vec<T, V> wv = load_vec<T, V>(taps + t * C + c0);
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) w[t][v] = static_cast<acc_t>(wv.v[v]);
+  }
+  acc_t acc[R][TS][V];
+  CNX_UNROLL
+  for (int r = 0; r < R; ++r) {
+    CNX_UNROLL
+    for (int px = 0; px < TS; ++px) {
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) acc[r][px][v] = init[v];
+    }
+  }
+  CNX_UNROLL
+  for (int hr = 0; hr < R + 6; ++hr) {  // halo row py0 + hr
+    const acc_t* row = buf + (py0 + hr) * kSide * pitch + cc;
+    CNX_UNROLL
+    for (int j = 0; j < kSide; ++j) {
+      const Vec<acc_t, V> xv = load_vec<acc_t, V>(row + j * pitch);
+      CNX_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const int dy = hr - r;
+        if (dy < 0 || dy > 6) continue;  // compile-time under full unrolling
+        CNX_UNROLL
+        for (int dx = 0; dx < 7; ++dx) {
+          const int px = j - dx;
+          if (px < 0 || px >= TS) continue;
+          CNX_UNROLL
+          for (int v = 0; v < V; ++v)
+            acc[r][px][v] += w[dy * 7 + dx][v] * xv.v[v];  // one FFMA
+        }
+      }
+    }
+  }
+  CNX_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const int32_t* own = halo + (py0 + r + 3) * kSide + 3;
+    CNX_UNROLL
+    for (int px = 0; px < TS; ++px) {
+      const int32_t m = own[px];
+      if (m < 0) continue;
+      Vec<T, V> o;
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(acc[r][px][v]);
+      store_vec<T, V>(out + m * C + c0, o);
+    }
+  }
 }
 
 // One weight-gradient chunk of channels [c0, c0 + V): rows [m0, m1) in order,
