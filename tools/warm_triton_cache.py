@@ -54,8 +54,8 @@ AREAS = {
         suites=['block'],
         budget=dict(install=30, build=150, tests=120, bench=170)),
     'fcmae': dict(
-        tests=['tests/test_sparse_dwconv.py', 'tests/test_sparse_encoder.py',
-               'tests/test_fcmae.py'],
+        tests=['tests/test_sparse_dwconv.py', 'tests/test_sparse_dwconv_tiles.py',
+               'tests/test_sparse_encoder.py', 'tests/test_fcmae.py'],
         suites=['fcmae'],
         budget=dict(install=30, build=150, tests=120, bench=170)),
     'maskrcnn': dict(
