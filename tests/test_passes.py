@@ -182,7 +182,8 @@ def test_dr_only_when_r_needs_grad(ls):
     blk = variant(make_block(C, ls=ls), torch.float32, 'triton')
     x = block_input(N, C, H, W, torch.float32).requires_grad_()
     (call, ) = _bwd_op_calls(blk, x)
-    need_dr = call.args[-1]
+    need_dr, mlp = call.args[-2:]
+    assert mlp == 'cublas'
     dr_shape = call.outputs[-1][0]
     if ls:
         assert need_dr is True and dr_shape == (N, C)
@@ -256,23 +257,24 @@ def test_layer_norm_2d_channels_last_no_copy():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize('mlp', ['cublas', 'triton'])
 @pytest.mark.parametrize('save,need_dr', [(True, False), (False, True)],
                          ids=['save_no_dr', 'recompute_dr'])
-def test_custom_op_fake_impls_match(save, need_dr):
+def test_custom_op_fake_impls_match(save, need_dr, mlp):
     """opcheck: the fake impls of block_fwd / block_bwd give the real
     outputs' shapes, dtypes and strides with the new outputs (w1c, w2c) and
     the need_dr flag (fp32 params, fp16 compute, as under autocast)."""
     from convnextv2_fast.ops.fused_block import _block_bwd_op, _block_fwd_op
     x, p, r = _block_inputs(ls=need_dr)
     cfg = (1e-6, 1e-6, torch.float16, save)
-    fwd_args = (x, *p, r, *cfg)
+    fwd_args = (x, *p, r, *cfg, mlp)
     torch.library.opcheck(_block_fwd_op, fwd_args,
                           test_utils=('test_faketensor', ))
     out, z, h, mean, rstd, S, w1c, w2c = _block_fwd_op(*fwd_args)
     w1 = w1c if w1c.numel() else p[4]
     w2 = w2c if w2c.numel() else p[8]
     bwd_args = (torch.randn_like(out), x, z, h, mean, rstd, S, *p[:4], w1,
-                p[5], p[6], p[7], w2, p[9], r, *cfg, need_dr)
+                p[5], p[6], p[7], w2, p[9], r, *cfg, need_dr, mlp)
     torch.library.opcheck(_block_bwd_op, bwd_args,
                           test_utils=('test_faketensor', ))
 

@@ -299,8 +299,11 @@ def test_traffic_rows_linear_in_height():
     from benchmarks import bench_traffic as B
     from benchmarks.shapes import BlockShape
     # C=16: the weight-cast decision (fused_block.keep_cast) is the same at
-    # every height run here, as the fit assumes
-    full = BlockShape('tiny', 2, 40, 16, 16, 1, torch.float32,
+    # every height run here, as the fit assumes; W=32: an 8-row band is 256
+    # pixels, a whole row tile of the assumed cuBLAS tile (the library
+    # GEMMs' L2 view re-reads B once per 256 rows of a sample: a step in H
+    # unless the band is whole tiles -- as at the real stage widths)
+    full = BlockShape('tiny', 2, 40, 32, 16, 1, torch.float32,
                       torch.bfloat16)
     # heights on the 8-row tile grid of the depthwise kernels (the suite's
     # heights 8 and 16 are; a partial tile row is not linear in H)
