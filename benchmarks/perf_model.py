@@ -18,17 +18,27 @@ Per kernel (one row per (shape, provider, phase, kind, kernel)):
 
     time = max(hbm_B / (HBM bandwidth x achievable fraction),
                l2_B / L2 bandwidth,
-               issue: warp-instructions / (SMs x issue rate x clock x
-                      occupancy derate) x wave quantisation,
+               issue: the busiest SM's rounds of resident programs (below),
                FLOPs / peak x efficiency,
                calls x minimum kernel time)
+
+The issue term of one launch (:func:`issue_time_us`) is counted per SM: the
+busiest SM runs ``ceil(programs / SMs)`` programs, ``programs_per_sm`` at a
+time (the compiler's occupancy); a round of ``k`` resident programs issues
+``k x warps x instructions`` warp-instructions at 4 per clock, derated
+linearly below 4 resident warps per scheduler (``k x warps / 4``).  So an
+underfilled grid (fewer programs than resident slots) runs at the derate of
+the warps it really has, and a short last round at its own, instead of a
+whole wave at full occupancy (the earlier wave quantisation counted both
+against an underfilled grid: a 0.48-wave launch came out ~2x too slow).
 
 Triton kernels: bytes from the traffic rows (the L2 view of a depthwise
 kernel from its ``sampled`` full-shape row when there is one: it is the one
 that sees a tile re-read per tap at the real size; local-memory spill traffic
 from the static row added to the L2 view, each spilled byte stored and loaded
 once per thread: a lower bound), warp-instructions = ``sass_instr_per_program
-x num_warps x programs x launches`` (static rows), and a FLOP term for the
+x num_warps x programs x launches`` (static rows; the ``Ginstr`` column,
+the issue term per launch as above), and a FLOP term for the
 tensor-core work of their ``tl.dot`` calls (counted by the traffic recorder,
 whole tiles) at the same ``gemm_eff`` as cuBLAS -- an assumption that a
 Triton wgmma GEMM reaches cuBLAS's efficiency, to be checked on a GPU; their
@@ -108,7 +118,8 @@ def describe(gpu: dict) -> str:
         f"- L2 bandwidth {g['l2_tbs']} TB/s (assumed)",
         f"- issue: {g['issue_per_sm_clk']} warp-instructions / SM / clock, "
         f"full rate at >= {g['warps_to_saturate']} resident warps per "
-        'scheduler, linear below (assumed derate)',
+        "scheduler, linear below (assumed derate); per SM: the busiest SM's "
+        'rounds of resident programs',
         f"- tensor cores {g['tensor_tflops']:.0f} TFLOP/s dense bf16; GEMMs "
         f"(cuBLAS) at {g['gemm_eff']:.0%} of it (assumed)",
         f"- fp32 FMA {g['fp32_tflops']:.0f} TFLOP/s; depthwise conv ops "
@@ -123,34 +134,43 @@ def describe(gpu: dict) -> str:
 # --------------------------------------------------------------------------
 # per-kernel model
 # --------------------------------------------------------------------------
-def kernel_time(gpu: dict, *, hbm_B=0., l2_B=0., warp_instr=0.,
-                occupancy=None, waves=None, tc_flops=0., fma_flops=0.,
-                fma_eff=1., calls=1) -> dict:
-    """The five terms (us) of one kernel and their max."""
+def issue_time_us(gpu: dict, *, programs: int, programs_per_sm: int,
+                  num_warps: int, instr_per_program: float,
+                  launches: int = 1) -> float:
+    """Issue time (us) of ``launches`` launches of one kernel config: the
+    busiest SM's rounds of resident programs (see the module docstring).
+    ``instr_per_program``: warp-instructions per warp of one program."""
+    g = gpu
+    if not programs or not instr_per_program:
+        return 0.
+    pps = max(int(programs_per_sm or 1), 1)  # 0 = does not fit (gated)
+    full, rem = divmod(math.ceil(programs / g['sms']), pps)
+
+    def cycles(k):  # one round of k resident programs
+        per_sched = k * num_warps / g['issue_per_sm_clk']
+        derate = max(min(1., per_sched / g['warps_to_saturate']), 1e-3)
+        return k * num_warps * instr_per_program / (
+            g['issue_per_sm_clk'] * derate)
+
+    total = full * cycles(pps) + (cycles(rem) if rem else 0.)
+    return (launches or 1) * total / (g['clock_ghz'] * 1e3)
+
+
+def kernel_time(gpu: dict, *, hbm_B=0., l2_B=0., issue_us=0., tc_flops=0.,
+                fma_flops=0., fma_eff=1., calls=1) -> dict:
+    """The five terms (us) of one kernel and their max (``issue_us`` from
+    :func:`issue_time_us`)."""
     g = gpu
     hbm = (hbm_B or 0.) / (g['hbm_tbs'] * 1e12 * g['hbm_achievable']) * 1e6
     l2 = (l2_B or 0.) / (g['l2_tbs'] * 1e12) * 1e6
-    issue = 0.
-    if warp_instr:
-        derate = 1.
-        if occupancy is not None:
-            warps_per_sched = occupancy * g['max_warps_per_sm'] / \
-                g['issue_per_sm_clk']
-            derate = max(min(1., warps_per_sched / g['warps_to_saturate']),
-                         1e-3)
-        quant = 1.
-        if waves:
-            quant = math.ceil(waves) / waves
-        issue = warp_instr / (g['sms'] * g['issue_per_sm_clk'] *
-                              g['clock_ghz'] * 1e9 * derate) * quant * 1e6
     flop = 0.
     if tc_flops:
         flop += tc_flops / (g['tensor_tflops'] * 1e12 * g['gemm_eff']) * 1e6
     if fma_flops:
         flop += fma_flops / (g['fp32_tflops'] * 1e12 * fma_eff) * 1e6
     launch = (calls or 0) * g['min_kernel_us']
-    terms = dict(t_hbm_us=hbm, t_l2_us=l2, t_issue_us=issue, t_flop_us=flop,
-                 t_launch_us=launch)
+    terms = dict(t_hbm_us=hbm, t_l2_us=l2, t_issue_us=issue_us or 0.,
+                 t_flop_us=flop, t_launch_us=launch)
     bound = max(terms, key=terms.get)
     return dict(terms, time_us=terms[bound],
                 bound=bound[2:-3])
@@ -210,9 +230,11 @@ def traffic_kernels(traffic_rows: Iterable[dict],
     return out
 
 
-def static_kernels(static_rows: Iterable[dict]) -> Dict[tuple, dict]:
-    """{(shape, provider, phase, kernel): dict(warp_instr, spill_B,
-    occupancy, waves, launches)} summed over a kernel's configs."""
+def static_kernels(static_rows: Iterable[dict], gpu: dict
+                   ) -> Dict[tuple, dict]:
+    """{(shape, provider, phase, kernel): dict(warp_instr, issue_us,
+    spill_B, occupancy, launches)} summed over a kernel's configs (the
+    worst occupancy kept for the report)."""
     out = {}
     for r in static_rows:
         if r.get('suite') != 'static' or r.get('phase') not in ('fwd', 'bwd'):
@@ -225,19 +247,18 @@ def static_kernels(static_rows: Iterable[dict]) -> Dict[tuple, dict]:
         threads = warps * 32
         spill = ((r.get('spill_store_B') or 0) + (r.get('spill_load_B') or 0)
                  ) * threads * programs * launches
-        k = out.setdefault(key, dict(warp_instr=0., spill_B=0., launches=0,
-                                     occupancy=r.get('occupancy'),
-                                     waves=r.get('waves')))
+        k = out.setdefault(key, dict(warp_instr=0., issue_us=0., spill_B=0.,
+                                     launches=0,
+                                     occupancy=r.get('occupancy')))
         k['warp_instr'] += per_prog * warps * programs * launches
+        k['issue_us'] += issue_time_us(
+            gpu, programs=programs, programs_per_sm=r.get('programs_per_sm'),
+            num_warps=warps, instr_per_program=per_prog, launches=launches)
         k['spill_B'] += spill
         k['launches'] += launches
-        # several configs: keep the worst occupancy, the largest waves
         if r.get('occupancy') is not None and (
                 k['occupancy'] is None or r['occupancy'] < k['occupancy']):
             k['occupancy'] = r['occupancy']
-        if r.get('waves') is not None and (
-                k['waves'] is None or r['waves'] > k['waves']):
-            k['waves'] = r['waves']
     return out
 
 
@@ -245,7 +266,7 @@ def kernel_rows(static_rows: Iterable[dict], traffic_rows: Iterable[dict],
                 gpu: dict, table: Optional[dict] = None) -> List[dict]:
     """One model row per (shape, provider, phase, kind, kernel)."""
     tr = traffic_kernels(traffic_rows, table)
-    st = static_kernels(static_rows)
+    st = static_kernels(static_rows, gpu)
     keys = list(tr)
     for (shape, prov, phase, kernel) in st:  # Triton kernels no traffic saw
         k = (shape, prov, phase, 'triton', kernel)
@@ -266,14 +287,13 @@ def kernel_rows(static_rows: Iterable[dict], traffic_rows: Iterable[dict],
             s = st.get((shape, prov, phase, kernel))
             if s is None:
                 row['missing'].append('static')
-                s = dict(warp_instr=0., spill_B=0., launches=0,
-                         occupancy=None, waves=None)
+                s = dict(warp_instr=0., issue_us=0., spill_B=0., launches=0,
+                         occupancy=None)
             if not row['calls']:
                 row['calls'] = s['launches']
             l2 = t['l2_B'] + s['spill_B']
             terms = kernel_time(gpu, hbm_B=t['hbm_B'], l2_B=l2,
-                                warp_instr=s['warp_instr'],
-                                occupancy=s['occupancy'], waves=s['waves'],
+                                issue_us=s['issue_us'],
                                 tc_flops=t['flops'], calls=row['calls'])
             row.update(Ginstr=s['warp_instr'] / 1e9, spill_MB=s['spill_B'] /
                        1e6, occupancy=s['occupancy'])

@@ -78,15 +78,17 @@ def torch_mlp(t, dt):
 def run_kernels(t, dt, need_dr):
     a = {k: t[k].to(dt) for k in ('z', 'w1', 'h', 'w2')}
     with poisoned_empty():
-        h, S = M.pw1_forward(a['z'], a['w1'], t['b1'])
+        h, spart = M.pw1_forward(a['z'], a['w1'], t['b1'])
         out = M.pw2_residual_forward(a['h'], t['scale'], a['w2'], t['bias'],
                                      t['r'], t['res'].to(dt))
-        dv, R, colsum = M.dv_backward(t['dout'].to(dt), t['r'], a['w2'],
-                                      a['h'])
+        dv, rpart, colsum = M.dv_backward(t['dout'].to(dt), t['r'], a['w2'],
+                                          a['h'])
         dw2, dbeta, drw = M.dw2_backward(t['dout'].to(dt), t['r'], a['h'],
                                          t['scale'], a['w2'], t['beta'],
                                          t['db2'], colsum.float(), need_dr)
-    return dict(h=h, S=S, out=out, dv=dv, R=R, colsum=colsum, dw2=dw2,
+    # the per-tile partials summed here (the GEMMs' part of S and R)
+    return dict(h=h, S=spart.sum(1), out=out, dv=dv, R=rpart.sum(1),
+                colsum=colsum, dw2=dw2,
                 dbeta=dbeta, drw=drw)
 
 

@@ -8,7 +8,6 @@ from benchmarks.shapes import MASKRCNN_V2B
 G = pm.H100
 HBM = 3.35e12 * 0.87  # B/s
 L2 = 7.0e12
-ISSUE = 132 * 4 * 1.755e9  # warp-instructions / s
 TC = 990e12 * 0.70
 FMA = 67e12 * 0.50
 
@@ -24,11 +23,10 @@ def test_constants_are_the_stated_assumptions():
 
 
 @pytest.mark.parametrize('kw,bound,us', [
-    (dict(hbm_B=1e9, l2_B=1e9, warp_instr=1e6, calls=1), 'hbm',
+    (dict(hbm_B=1e9, l2_B=1e9, issue_us=1., calls=1), 'hbm',
      1e9 / HBM * 1e6),
-    (dict(hbm_B=1e9, l2_B=7e9, warp_instr=1e6, calls=1), 'l2', 1000.),
-    (dict(hbm_B=1e6, l2_B=1e6, warp_instr=ISSUE * 1e-3, occupancy=0.5,
-          calls=1), 'issue', 1000.),
+    (dict(hbm_B=1e9, l2_B=7e9, issue_us=1., calls=1), 'l2', 1000.),
+    (dict(hbm_B=1e6, l2_B=1e6, issue_us=1000., calls=1), 'issue', 1000.),
     (dict(hbm_B=1e6, tc_flops=TC * 1e-3, calls=1), 'flop', 1000.),
     (dict(hbm_B=1e6, fma_flops=FMA * 1e-3, fma_eff=0.5, calls=1), 'flop',
      1000.),
@@ -40,16 +38,37 @@ def test_each_term_dominates_once(kw, bound, us):
     assert t['time_us'] == pytest.approx(us, rel=1e-9)
 
 
-def test_issue_derate_and_waves():
-    base = ISSUE * 1e-3  # 1000 us at full rate
-    # 8 warps / SM = 2 per scheduler, half of the 4 that saturate
-    assert pm.kernel_time(G, warp_instr=base, occupancy=8 / 64)[
-        't_issue_us'] == pytest.approx(2000.)
-    assert pm.kernel_time(G, warp_instr=base, occupancy=1.)[
-        't_issue_us'] == pytest.approx(1000.)
-    # 1.5 waves run as 2
-    assert pm.kernel_time(G, warp_instr=base, occupancy=1., waves=1.5)[
-        't_issue_us'] == pytest.approx(1000. * 2 / 1.5)
+CLK = 1.755e9
+
+
+@pytest.mark.parametrize('programs,pps,warps,cycles_per_instr', [
+    # 8 programs of 4 warps per SM on every SM: one full-rate round
+    (132 * 8, 8, 4, 8),
+    # underfilled (0.5 waves): 4 resident programs = 4 warps per scheduler,
+    # still full rate -- the old wave quantisation said 8 (2x)
+    (132 * 4, 8, 4, 4),
+    # 1 program of 8 warps per SM (2 warps per scheduler: half rate), 3
+    # rounds of 8 x I / (4 x 0.5)
+    (132 * 3, 1, 8, 12),
+    # a tail: 9 programs on the busiest SM, 8 resident: a full round (8 I)
+    # then one program alone (1 warp per scheduler: quarter rate, 4 I);
+    # the old model ran 2 whole waves (16 I)
+    (132 * 9, 8, 4, 12),
+    # uneven: 133 programs put 2 on one SM: 2 programs, 2 warps per
+    # scheduler, half rate
+    (133, 8, 4, 4),
+])
+def test_issue_time_is_the_busiest_sms_rounds(programs, pps, warps,
+                                              cycles_per_instr):
+    instr = 1000.
+    us = pm.issue_time_us(G, programs=programs, programs_per_sm=pps,
+                          num_warps=warps, instr_per_program=instr)
+    assert us == pytest.approx(cycles_per_instr * instr / CLK * 1e6)
+    assert pm.issue_time_us(G, programs=programs, programs_per_sm=pps,
+                            num_warps=warps, instr_per_program=instr,
+                            launches=3) == pytest.approx(3 * us)
+    assert pm.issue_time_us(G, programs=0, programs_per_sm=pps,
+                            num_warps=warps, instr_per_program=instr) == 0.
 
 
 S4 = MASKRCNN_V2B[3]  # 1024-s4: E = 2*32*32*1024
@@ -69,7 +88,7 @@ def _static(kernel, provider='fast', phase='fwd', **kw):
     r = dict(suite='static', shape=S4.name, provider=provider, phase=phase,
              kernel=kernel, launches=1, programs=1000, num_warps=4,
              sass_instr_per_program=0, spill_store_B=0, spill_load_B=0,
-             occupancy=0.5, waves=None)
+             occupancy=0.5, programs_per_sm=8, waves=None)
     r.update(kw)
     return r
 
@@ -92,13 +111,16 @@ def test_join_prefers_fit_and_sampled_l2():
 
 
 def test_spills_and_instructions_from_static_rows():
-    # 1000 programs x 4 warps x 128 threads: spill 100+100 B per thread
-    st = _static('_k', spill_store_B=100, spill_load_B=100,
-                 sass_instr_per_program=ISSUE * 1e-3 / 4000 * 3)
+    # 1056 programs x 4 warps x 128 threads: spill 100+100 B per thread;
+    # 8 programs per SM, one full-rate round of 8 x 4 x I / 4 cycles
+    instr = 3000e-6 * CLK / 8
+    st = _static('_k', spill_store_B=100, spill_load_B=100, programs=1056,
+                 sass_instr_per_program=instr)
     tr = [_traffic('_k', 'triton', hbm=1., l2=1.)]
     (r, ) = pm.kernel_rows([st], tr, G)
-    assert r['l2_MB'] == pytest.approx((200 * 128 * 1000 + 1) / 1e6)
+    assert r['l2_MB'] == pytest.approx((200 * 128 * 1056 + 1) / 1e6)
     assert r['bound'] == 'issue' and r['time_us'] == pytest.approx(3000.)
+    assert r['Ginstr'] == pytest.approx(instr * 4 * 1056 / 1e9)
 
 
 def test_aten_op_classes():

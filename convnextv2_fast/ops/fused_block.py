@@ -65,7 +65,8 @@ from .._errors import ArgumentError
 from ._common import check_tensor
 from .dwconv_ln import dwconv_ln_backward, dwconv_ln_forward
 from .gelu_grn import (grn_bwd_apply, grn_pw2_backward, grn_pw2_forward,
-                       grn_stats, grn_stats_backward, w2_fold)
+                       w2_fold)
+from .grn_stats import grn_stats_backward, grn_stats_forward
 from .mlp_gemm import (dv_backward, dw2_backward, pw1_forward,
                        pw2_residual_forward)
 from .layer_scale_residual import scale_residual_forward
@@ -125,9 +126,10 @@ def _check_mlp_choice(mlp):
 
 
 def _pw1(z, w1c, b1, cd, mlp, sumsq):
-    """pw1 of (N, H, W, C) ``z`` -> ``(h (N, HW, K), S or None)``: cuBLAS
-    (``S`` from :func:`.gelu_grn.grn_pw2_forward` later, None here) or the
-    Triton GEMM with the GELU sum-of-squares epilogue."""
+    """pw1 of (N, H, W, C) ``z`` -> ``(h (N, HW, K), partials or None)``:
+    cuBLAS (``S`` from :func:`.gelu_grn.grn_pw2_forward` later, None here)
+    or the Triton GEMM with the GELU sum-of-squares epilogue (its per-tile
+    partials of ``S``)."""
     N, H, W, C = z.shape
     if mlp == 'triton':
         return pw1_forward(z.view(N, H * W, C), w1c, b1, sumsq=sumsq)
@@ -161,10 +163,10 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
         z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b, ln_eps,
                                           out_dtype=cd)
         w1c = _cast_weight(w1, cd)
-        h, S = _pw1(z, w1c, b1, cd, mlp, sumsq=True)
+        h, spart = _pw1(z, w1c, b1, cd, mlp, sumsq=True)
         keep_w2 = keep_cast(x, w2, cd, save)
         if mlp == 'triton':
-            _, _, _, scale = grn_stats(S, gamma, grn_eps)
+            S, scale = grn_stats_forward(spart, gamma, grn_eps)
             # one pass over W2: its cast (when needed) and W2 beta
             _, wb, w2c = w2_fold(w2.detach(), scale[:0], beta.detach(), cd,
                                  keep_w2=w2.dtype != cd)
@@ -177,13 +179,17 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
             out = scale_residual_forward(a, r.detach(), x.view(N, H * W, C),
                                          out_dtype=x.dtype, bias=bias2)
     out = out.view(N, H, W, C)
-    empty = x.new_empty((0, ), dtype=cd)
-    w1c = w1c if keep_cast(x, w1, cd, save) else empty.clone()
-    w2c = w2c if keep_w2 else empty.clone()
+
+    def empty(dtype=cd):
+        # a fresh 0-element tensor per output (a custom op's outputs may not
+        # alias each other): an allocation, no kernel (a clone would be one)
+        return x.new_empty((0, ), dtype=dtype)
+
+    w1c = w1c if keep_cast(x, w1, cd, save) else empty()
+    w2c = w2c if keep_w2 else empty()
     if not save:
-        z, h = empty, empty.clone()
-        mean = x.new_empty((0, ), dtype=torch.float32)
-        rstd = mean.clone()
+        z, h = empty(), empty()
+        mean, rstd = empty(torch.float32), empty(torch.float32)
     return out, z, h, mean, rstd, S, w1c, w2c
 
 
@@ -208,9 +214,8 @@ def _mlp_backward_triton(dout, r, h, S, gamma, beta, w2, b2, eps, need_dr,
     :mod:`.mlp_gemm`: ``dv`` with the ``sum_p dv*u`` and ``sum_p dout``
     partials in its epilogue, the GELU/GRN apply (with ``db1``), and the W2
     grads in one pixel-reducing GEMM (``u`` recomputed in its prologue)."""
-    dv, R, colsum = dv_backward(dout, r, w2c, h)
-    G, D, Nx, scale = grn_stats(S, gamma, eps)
-    dgamma, t = grn_stats_backward(R, G, D, Nx, gamma)
+    dv, rpart, colsum = dv_backward(dout, r, w2c, h)
+    scale, t, dgamma = grn_stats_backward(S, rpart, gamma, eps)
     dh, db1 = grn_bwd_apply(h, dv, scale, t)
     del dv
     db2 = (r * colsum).sum(0)

@@ -5,9 +5,10 @@ channels-last pixels).  Forward:
 
 1. ``_gelu_sumsq_kernel``: ``u = GELU(h)`` (exact erf GELU, fp32 math, one
    cast at the store) and per-(sample, pixel tile, channel) fp32 partial sums
-   of ``u**2`` (deterministic; reduced with a torch sum).
-2. ``G = sqrt(S)``, ``Nx = G / (mean_k G + eps)``, ``scale = 1 + gamma * Nx``
-   (tiny (N, K) fp32 torch ops; ``G = 0`` gives ``Nx = 0``, never 0/0).
+   of ``u**2`` (deterministic).
+2. ``S``, ``G = sqrt(S)``, ``Nx = G / (mean_k G + eps)``, ``scale = 1 +
+   gamma * Nx``: :mod:`.grn_stats` (two small kernels; ``G = 0`` gives
+   ``Nx = 0``, never 0/0).
 3. ``pw2(u * scale + beta) = u @ (W2 diag(scale_n))^T + (W2 beta + b2)``:
    ``_w2_fold_kernel`` reads W2 once in its own dtype and writes the N
    per-sample scaled copies ``w2s[n] = W2 * scale[n]`` directly in the
@@ -21,7 +22,8 @@ channels-last pixels).  Forward:
 Backward (``da`` = grad of the pw2 output, via :func:`grn_pw2_backward`):
 ``dv = da @ W2`` (torch), then ``_grn_bwd_reduce_kernel`` recomputes ``u``
 from ``h`` and emits partials of the second global reduction
-``R[n, k] = sum_p dv * u``; the (N, K) GRN-stat backward is torch;
+``R[n, k] = sum_p dv * u``; the (N, K) GRN-stat backward is
+:func:`.grn_stats.grn_stats_backward`;
 ``_grn_bwd_apply_kernel`` writes ``dh = (dv * scale + u * t) * GELU'(h)``
 and per-tile fp32 partial column sums of ``dh`` (the pw1 bias grad, no
 second pass over dh).  The W2 grad: ``P_n = g_n^T u_n`` (one torch ``bmm``,
@@ -37,6 +39,7 @@ import triton.language as tl
 from .._errors import ArgumentError
 from ._common import (check_same_device, check_tensor, next_pow2,
                       use_gpu_config)
+from .grn_stats import grn_stats_backward, grn_stats_forward
 from .reference import GRN_EPS
 
 _SQRT1_2 = 0.7071067811865476
@@ -234,7 +237,9 @@ def _grid(N, HW, K, BLOCK_P, BLOCK_K):
 
 
 def gelu_sumsq_forward(h):
-    """``u = GELU(h)`` and ``S[n, k] = sum_p u**2`` (fp32) of (N, HW, K) h."""
+    """``u = GELU(h)`` and the (N, T, K) fp32 per-tile partials of ``S[n, k]
+    = sum_p u**2`` of (N, HW, K) h (reduced by
+    :func:`.grn_stats.grn_stats_forward`)."""
     check_hidden(h)
     N, HW, K = h.shape
     BLOCK_P, BLOCK_K = _blocks(K)
@@ -243,33 +248,13 @@ def gelu_sumsq_forward(h):
     part = torch.empty((N, grid[1], K), device=h.device, dtype=torch.float32)
     _gelu_sumsq_kernel[grid](h, u, part, HW, K, BLOCK_P=BLOCK_P,
                              BLOCK_K=BLOCK_K)
-    return u, part.sum(1)
-
-
-def grn_stats(S, gamma, eps=GRN_EPS):
-    """(N, K) fp32 sums of squares -> ``(G, D, Nx, scale)`` (fp32)."""
-    G = S.sqrt()
-    D = G.mean(dim=1, keepdim=True) + eps
-    Nx = G / D
-    scale = 1. + gamma.detach().float()[None, :] * Nx
-    return G, D, Nx, scale
-
-
-def grn_stats_backward(R, G, D, Nx, gamma):
-    """From ``R[n, k] = sum_p dv * u``: ``(dgamma (K,), t (N, K))`` with
-    ``du = dv * scale + u * t``; ``t = 0`` where ``G = 0`` (no 0/0)."""
-    K = G.shape[1]
-    dgamma = (R * Nx).sum(0)
-    dNx = gamma.detach().float()[None, :] * R
-    dG = dNx / D - (dNx * G).sum(1, keepdim=True) / (D * D * K)
-    safe = G > 0
-    t = torch.where(safe, dG / torch.where(safe, G, torch.ones_like(G)),
-                    torch.zeros_like(G))
-    return dgamma, t
+    return u, part
 
 
 def grn_bwd_reduce(h, dv):
-    """Recompute ``u = GELU(h)``; return ``(u, R)`` with ``R = sum_p dv*u``."""
+    """Recompute ``u = GELU(h)``; return ``(u, rpart)``, the (N, T, K) fp32
+    per-tile partials of ``R = sum_p dv*u`` (reduced by
+    :func:`.grn_stats.grn_stats_backward`)."""
     check_hidden(h)
     check_tensor(dv, 'dv', shape=tuple(h.shape))
     N, HW, K = h.shape
@@ -279,7 +264,7 @@ def grn_bwd_reduce(h, dv):
     part = torch.empty((N, grid[1], K), device=h.device, dtype=torch.float32)
     _grn_bwd_reduce_kernel[grid](h, dv, u, part, HW, K, BLOCK_P=BLOCK_P,
                                  BLOCK_K=BLOCK_K)
-    return u, part.sum(1)
+    return u, part
 
 
 def grn_bwd_apply(h, dv, scale, t):
@@ -387,8 +372,8 @@ def grn_pw2_forward(h, gamma, beta, w2, b2, eps=GRN_EPS, keep_w2=False):
     (W2 itself if it already has that dtype) else None.
     """
     _check_pw2(h, gamma, beta, w2, b2)
-    u, S = gelu_sumsq_forward(h)
-    _, _, _, scale = grn_stats(S, gamma, eps)
+    u, spart = gelu_sumsq_forward(h)
+    S, scale = grn_stats_forward(spart, gamma, eps)
     recast = keep_w2 and w2.dtype != h.dtype
     w2s, wb, w2c = w2_fold(w2.detach(), scale, beta.detach(), h.dtype, recast)
     if keep_w2 and not recast:
@@ -428,9 +413,8 @@ def grn_pw2_backward(dout, r, h, S, gamma, beta, w2, b2, eps=GRN_EPS,
     if w2c is None:
         w2c = w2.detach().to(cd)
     dv = torch.matmul(da, w2c)  # (N, HW, K)
-    u, R = grn_bwd_reduce(h, dv)
-    G, D, Nx, scale = grn_stats(S, gamma, eps)
-    dgamma, t = grn_stats_backward(R, G, D, Nx, gamma)
+    u, rpart = grn_bwd_reduce(h, dv)
+    scale, t, dgamma = grn_stats_backward(S, rpart, gamma, eps)
     dh, db1 = grn_bwd_apply(h, dv, scale, t)
     del dv
     # P_n = g_n^T u_n, the only (N, C, K) tensor, in the compute dtype

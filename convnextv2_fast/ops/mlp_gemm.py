@@ -61,7 +61,7 @@ import triton.language as tl
 
 from .._errors import ArgumentError
 from ._common import check_same_device, check_tensor, next_pow2, use_gpu_config
-from .gelu_grn import check_hidden
+from .gelu_grn import _w2_tile, check_hidden
 
 KERNELS = ('pw1', 'pw2', 'dv', 'dw2', 'dw2_dr')
 # SMs of an H100/H200, and the programs wanted for the pixel-reducing dW2
@@ -94,6 +94,23 @@ def _row_tile(HW, NCOLS, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _gemm_tile(A, B, HW, NCOLS, KRED, stride_bcol, stride_bred,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Setup of a row-tiled GEMM ``out[n, p, col] = sum_r A[n, p, r] *
+    B[col, r]`` (A (N, HW, KRED) contiguous, B addressed by strides): this
+    program's tile (:func:`_row_tile`), its columns and their mask, the
+    reduction lane ``r`` and the first [BM, BK] A / [BK, BN] B pointers.
+    Returns (n, t, p, p mask, T, column block, cols, cols mask, r, A
+    pointers, B pointers); each kernel keeps its own operand prologue."""
+    n, t, p, pmask, T, cb = _row_tile(HW, NCOLS, BM, BN)
+    cols = cb * BN + tl.arange(0, BN)
+    r = tl.arange(0, BK)
+    a_ptrs = A + n * HW * KRED + p[:, None] * KRED + r[None, :]
+    b_ptrs = B + cols[None, :] * stride_bcol + r[:, None] * stride_bred
+    return n, t, p, pmask, T, cb, cols, cols < NCOLS, r, a_ptrs, b_ptrs
+
+
+@triton.jit
 def _pw1_kernel(
         Z,  # (N, HW, C) LN output, compute dtype
         W1,  # (K, C) pw1 weight, compute dtype, strides (stride_k, stride_c)
@@ -103,12 +120,8 @@ def _pw1_kernel(
         HW, C, K, stride_wk, stride_wc,
         SUMSQ: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T, kb = _row_tile(HW, K, BM, BN)
-    k = kb * BN + tl.arange(0, BN)
-    kmask = k < K
-    r = tl.arange(0, BK)
-    a_ptrs = Z + n * HW * C + p[:, None] * C + r[None, :]
-    b_ptrs = W1 + k[None, :] * stride_wk + r[:, None] * stride_wc
+    n, t, p, pmask, T, kb, k, kmask, r, a_ptrs, b_ptrs = _gemm_tile(
+        Z, W1, HW, K, C, stride_wk, stride_wc, BM, BN, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for c0 in range(0, C, BK):
         rm = (c0 + r) < C
@@ -140,12 +153,8 @@ def _pw2_kernel(
         HW, C, K, stride_wc, stride_wk,
         PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T, cb = _row_tile(HW, C, BM, BN)
-    c = cb * BN + tl.arange(0, BN)
-    cmask = c < C
-    r = tl.arange(0, BK)
-    h_ptrs = Hp + n * HW * K + p[:, None] * K + r[None, :]
-    w_ptrs = W2 + c[None, :] * stride_wc + r[:, None] * stride_wk
+    n, t, p, pmask, T, cb, c, cmask, r, h_ptrs, w_ptrs = _gemm_tile(
+        Hp, W2, HW, C, K, stride_wc, stride_wk, BM, BN, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rm = (k0 + r) < K
@@ -179,12 +188,8 @@ def _dv_kernel(
         HW, C, K, stride_wc, stride_wk,
         PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T, kb = _row_tile(HW, K, BM, BN)
-    k = kb * BN + tl.arange(0, BN)
-    kmask = k < K
-    r = tl.arange(0, BK)
-    g_ptrs = DOUT + n * HW * C + p[:, None] * C + r[None, :]
-    w_ptrs = W2 + r[:, None] * stride_wc + k[None, :] * stride_wk
+    n, t, p, pmask, T, kb, k, kmask, r, g_ptrs, w_ptrs = _gemm_tile(
+        DOUT, W2, HW, K, C, stride_wk, stride_wc, BM, BN, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for c0 in range(0, C, BK):
         rm = (c0 + r) < C
@@ -225,14 +230,8 @@ def _dw2_kernel(
         N, HW, C, K, stride_wc, stride_wk, P_SPLIT,
         NEED_DR: tl.constexpr, PREC: tl.constexpr,
         BC: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr):
-    cb = tl.program_id(0)
-    kb = tl.program_id(1)
+    cb, kb, c, k, cmask, kmask, m2, off = _w2_tile(C, K, BC, BK)
     s = tl.program_id(2)
-    c = cb * BC + tl.arange(0, BC)
-    k = kb * BK + tl.arange(0, BK)
-    cmask = c < C
-    kmask = k < K
-    m2 = cmask[:, None] & kmask[None, :]
     q = tl.arange(0, BP)
     p_lo = s * P_SPLIT
     acc = tl.zeros((BC, BK), dtype=tl.float32)
@@ -297,7 +296,7 @@ def _dw2_kernel(
                              acc, input_precision=PREC)
                 g_ptrs += BP * C
                 h_ptrs += BP * K
-    tl.store(DW2P + s * C * K + c[:, None] * K + k[None, :], acc, mask=m2)
+    tl.store(DW2P + s * C * K + off, acc, mask=m2)
 
 
 # --------------------------------------------------------------------------
@@ -416,8 +415,9 @@ def _check_mlp(z_or_h, name, w, wname, wshape):
 
 def pw1_forward(z, w1, b1, sumsq=True):
     """``h = z W1^T + b1`` of (N, HW, C) ``z`` and (K, C) ``w1`` (both in the
-    compute dtype), in that dtype; with ``sumsq`` also ``S[n, k] =
-    sum_p GELU(h)**2`` (N, K) fp32 (else None)."""
+    compute dtype), in that dtype; with ``sumsq`` also the (N, T, K) fp32
+    per-tile partials of ``S[n, k] = sum_p GELU(h)**2`` (else None; reduced
+    by :func:`.grn_stats.grn_stats_forward`)."""
     N, HW, C = z.shape
     K = w1.shape[0] if w1.dim() == 2 else -1
     _check_mlp(z, 'z', w1, 'w1', (K, C))
@@ -431,7 +431,7 @@ def pw1_forward(z, w1, b1, sumsq=True):
     _launch(cfg, _pw1_kernel, z, w1, b1, h, part, HW, C, K, w1.stride(0),
             w1.stride(1), SUMSQ=sumsq, PREC=_prec(z.dtype), BM=cfg.BM,
             BN=cfg.BN, BK=cfg.BK)
-    return h, (part.sum(1) if sumsq else None)
+    return h, (part if sumsq else None)
 
 
 def pw2_residual_forward(h, scale, w2, bias, r, res):
@@ -461,8 +461,10 @@ def pw2_residual_forward(h, scale, w2, bias, r, res):
 
 
 def dv_backward(dout, r, w2, h):
-    """``dv = (dout * r) W2`` in h's dtype, ``R = sum_p dv * GELU(h)``
-    (N, K) fp32 and ``colsum = sum_p dout`` (N, C) fp32, one kernel.
+    """``dv = (dout * r) W2`` in h's dtype, the (N, T, K) fp32 per-tile
+    partials of ``R = sum_p dv * GELU(h)`` (reduced by
+    :func:`.grn_stats.grn_stats_backward`) and ``colsum = sum_p dout``
+    (N, C) fp32, one kernel.
 
     ``dout`` (N, HW, C), ``r`` (N, C) fp32, ``w2`` (C, K) in h's dtype."""
     check_hidden(h)
@@ -480,7 +482,7 @@ def dv_backward(dout, r, w2, h):
     _launch(cfg, _dv_kernel, dout, r, w2, h, dv, rpart, cpart, HW, C, K,
             w2.stride(0), w2.stride(1), PREC=_prec(h.dtype), BM=cfg.BM,
             BN=cfg.BN, BK=cfg.BK)
-    return dv, rpart.sum(1), cpart.sum(1)
+    return dv, rpart, cpart.sum(1)
 
 
 def dw2_backward(dout, r, h, scale, w2, beta, db2, colsum, need_dr=False):
