@@ -1,6 +1,7 @@
 """Shared helpers of the fused-op tests (parity of outputs and all grads)."""
 import contextlib
 
+import pytest
 import torch
 
 from convnextv2_fast.testing import assert_close_to_ref
@@ -58,3 +59,14 @@ def check_parity(names, fn, ref_fn, inputs, dtype, grad_out, hi=torch.float64,
         assert c is not None, f'{name}: no gradient'
         assert c.dtype == s.dtype, f'{name}: dtype {c.dtype} != {s.dtype}'
         assert_close_to_ref(name, c, s, h, dtype=dtype)
+
+
+# the interpreter's tiles and the GPU's (CONVNEXTV2_FAST_GPU_CONFIG=1) for
+# the op tests that run both
+GPU_CONFIGS = pytest.mark.parametrize('gpu_config', [False, True],
+                                      ids=['interp_tiles', 'gpu_tiles'])
+
+
+def set_gpu_config(monkeypatch, on: bool):
+    """Make ``use_gpu_config()`` (every op's launch_config) answer ``on``."""
+    monkeypatch.setenv('CONVNEXTV2_FAST_GPU_CONFIG', '1' if on else '0')

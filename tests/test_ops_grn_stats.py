@@ -11,16 +11,14 @@ from convnextv2_fast._errors import ArgumentError
 from convnextv2_fast.ops import grn_stats as GS
 from convnextv2_fast.testing import assert_close_to_ref
 
-from _fused_testutil import poisoned_empty
+from _fused_testutil import GPU_CONFIGS, poisoned_empty, set_gpu_config
 
-CONFIGS = pytest.mark.parametrize('gpu_config', [False, True],
-                                  ids=['interp_blocks', 'gpu_blocks'])
+CONFIGS = GPU_CONFIGS
 
 
 @pytest.fixture
 def blocks(monkeypatch, gpu_config):
-    monkeypatch.setenv('CONVNEXTV2_FAST_GPU_CONFIG', '1' if gpu_config
-                       else '0')
+    set_gpu_config(monkeypatch, gpu_config)
 
 
 def _inputs(N, T, K, seed=0, device='cpu'):

@@ -15,19 +15,17 @@ from convnextv2_fast._errors import ArgumentError
 from convnextv2_fast.ops import mlp_gemm as M
 from convnextv2_fast.testing import assert_close_to_ref
 
-from _fused_testutil import poisoned_empty
+from _fused_testutil import GPU_CONFIGS, poisoned_empty, set_gpu_config
 
 pytestmark = pytest.mark.interpreter
 
 DTYPES = pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
-CONFIGS = pytest.mark.parametrize('gpu_config', [False, True],
-                                  ids=['interp_tiles', 'gpu_tiles'])
+CONFIGS = GPU_CONFIGS
 
 
 @pytest.fixture
 def tiles(monkeypatch, gpu_config):
-    monkeypatch.setenv('CONVNEXTV2_FAST_GPU_CONFIG', '1' if gpu_config
-                       else '0')
+    set_gpu_config(monkeypatch, gpu_config)
     M._launch_config.cache_clear()
     yield
     M._launch_config.cache_clear()
