@@ -79,7 +79,9 @@ TILES = (2, 4, 8)  # tile sizes the compiled tile path is instantiated for
 # GPU, from benchmarks/model_sparse_dwconv.py (model, not a GPU measurement;
 # V2-B 224^2, mask 0.6, bf16, x HBM floor gather -> tile): 8x8 7.1 -> 3.0,
 # 4x4 7.1 -> 3.7, 2x2 7.1 -> 7.6 (each 2x2 tile stages 64 halo pixels for 4
-# outputs: L2 and shared-memory traffic eat the gain), 1x1 7.1 -> 19 (tile2).
+# outputs: L2 and shared-memory traffic eat the gain), 1x1 7.1 -> 19 (tile2);
+# the weight gradient follows the forward's path: 8x8 7.1 -> 2.9, 4x4 7.1 -> 3.6
+# (2x2 7.1 -> 6.7 at stage 3, where the forward keeps the gather).
 # CPU (measured, C++ twin, fp32, 2 threads, V2-B widths): 8x8 is faster than
 # the gather (8.4 vs 9.2 ms at stage 1, 8 images), 4x4 and 2x2 slower (5.6 vs
 # 4.8 ms, 5.1 vs 2.4 ms): the twin's un-unrolled stencil pays for the staging.
