@@ -95,3 +95,18 @@ def test_tile_wgrad_chunking_fills_the_gpu_with_small_partials():
     assert chunks * (c // msd.TILE_CH) >= 132 * 8
     partial_b = chunks * 50 * c * 4
     assert partial_b < 0.5 * 2 * lay.num_rows * c * 2
+
+
+def test_tile_wgrad_constants_match_the_kernel():
+    """The model's chunking (WGRAD_TILE_ROWS, WGRAD_SLOTS) is the one of
+    TileGeom in sparse_dwconv_math.h (read from the source, not assumed)."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, 'csrc', 'sparse_dwconv', 'sparse_dwconv_math.h')) as f:
+        text = f.read()
+    rows = re.search(r'kWgradTileRows\s*=\s*(\d+)\s*;', text)
+    assert rows and int(rows.group(1)) == msd.WGRAD_TILE_ROWS
+    slots = re.search(r'kWgradSlots\s*=\s*TS == 8 \? (\d+) : TS == 4 \? (\d+) : (\d+)\s*;', text)
+    assert slots and tuple(map(int, slots.groups())) == (
+        msd.WGRAD_SLOTS[8], msd.WGRAD_SLOTS[4], msd.WGRAD_SLOTS[2])

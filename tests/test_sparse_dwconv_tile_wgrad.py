@@ -17,6 +17,7 @@ GPU).
 import pytest
 import torch
 
+from benchmarks import model_sparse_dwconv as msd
 from convnextv2_fast.sparse import (layout_from_visibility, sparse_dwconv7x7,
                                     sparse_dwconv7x7_dense_masked_ref, sparse_dwconv_backward)
 from convnextv2_fast.sparse.dwconv import TILES
@@ -26,9 +27,10 @@ from test_sparse_dwconv import _inputs, _run, _tile_layout, needs_ext
 from test_sparse_dwconv_tiles import DTYPES, _fcmae_edge_layout, _layouts
 
 # Tiles per weight-gradient chunk and tiles processed at a time (TileGeom<TS>::
-# kWgradTiles / kWgradSlots in sparse_dwconv_math.h).
-CHUNK_TILES = {8: 4, 4: 16, 2: 64}
-SLOTS = {8: 1, 4: 2, 2: 4}
+# kWgradTiles / kWgradSlots in sparse_dwconv_math.h, as the model reads them;
+# tests/test_model_sparse_dwconv.py checks them against the source).
+CHUNK_TILES = {t: msd.WGRAD_TILE_ROWS // t**2 for t in TILES}
+SLOTS = msd.WGRAD_SLOTS
 
 
 def _wgrad(grad_out, feats, layout, tile):
