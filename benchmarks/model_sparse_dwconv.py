@@ -47,9 +47,27 @@ thread computes R x T outputs of one channel with its 49 taps in registers:
   / ~9 (fp32, 4) instructions per warp-iteration;
 * the same ``x_hbm_floor`` = model / HBM floor.
 
+The weight gradient takes the tile path with the forward:
+:func:`model_tile_wgrad_pass` models ``sparse_dwconv_tile_wgrad_kernel`` — one
+CTA per (chunk of 256 / T^2 tiles, 32 channels), each round staging 1/2/4
+tiles' halos (T = 8/4/2) as the forward does while each warp loads its R x T dy
+values, then 49 R T FFMAs into 50 fp32 registers; per CTA the warps' partials
+are summed in shared memory and one fp32 [50, 32] partial is written:
+
+* HBM: dy and x read once (the floor: 2 M C e, as the gather wgrad's), the halo
+  table, the fp32 [chunks, 50, C] partials written and re-read by the reduce;
+* L2 -> SM: the visible halo pixels of every CTA, dy once, the halo-table row
+  per CTA and tile, the partials;
+* wavefronts: staging as the forward, per warp-item (R + 6)(T + 6) shared loads
+  and per pixel a table and a dy load, per CTA the slot reduction;
+* issue: per warp-item 49 R T FFMA + (R + 6)(T + 6) shared loads + ``a + b R T``
+  (fitted to the sm_90 SASS by source line, see ``TILE_WGRAD_OTHER``), staging
+  as the forward, per warp and CTA the epilogue (``TILE_WGRAD_EPILOGUE``).
+
 ``python benchmarks/model_sparse_dwconv.py`` prints the rows of the paths the
-code takes and, per stage, every path (gather, tile 2/4/8): why
-``conv_tile`` picks what it picks on the GPU.
+code takes and, per stage, every path (gather, tile 2/4/8) of the forward and
+the weight gradient in bf16 and fp32: why ``conv_tile`` picks what it picks on
+the GPU.
 """
 import os.path as osp
 import sys
@@ -169,6 +187,67 @@ def model_tile_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor, tile
                 **t)
 
 
+# Tile weight gradient (sparse_dwconv_tile_wgrad_kernel; TileGeom in sparse_dwconv_math.h):
+# pixels per chunk, tiles staged at a time per tile size, and the instruction
+# fit: per warp-item (one slot's R x T pixels) a + b * outputs instructions besides
+# the 49 FFMA per output and the (R + 6)(T + 6) shared loads (dy and table loads,
+# converts, bias FADDs, addresses, round loop), per staging warp-iteration as the
+# forward, per warp and CTA the slot reduction (50 shared stores, 50 / W x W
+# shared loads + adds, the partial stores) -- from the sm_90 SASS by source line
+# (-lineinfo: wgrad_tile_rows / load_tile_dy / the kernel's round loop vs the
+# staging loop vs the epilogue): 16-bit (VS = 8) a = 275, b = 11 (T = 8, 4, 2:
+# 637, 447, 328 measured vs 627, 451, 319); fp32 (VS = 4) a = 155, b = 11 (506,
+# 335, 200 vs 507, 331, 199); epilogue 260 (W = 2) / 375 (W = 4) per warp.
+WGRAD_TILE_ROWS = 256
+WGRAD_SLOTS = {8: 1, 4: 2, 2: 4}
+TILE_WGRAD_OTHER = {2: (275, 11, 18), 4: (155, 11, 9)}  # element size -> (a, b, staging)
+TILE_WGRAD_EPILOGUE = {2: 260, 4: 375}  # warps per CTA -> instructions per warp
+
+
+def model_tile_wgrad_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor, tile: int,
+                          hw=H200) -> dict:
+    """Weight/bias gradient on the tile path (``sparse_dwconv_tile_wgrad_kernel``)
+    for the int32 [K, (tile + 6)^2] halo table ``halo`` of a real layout: one CTA
+    per (chunk of WGRAD_TILE_ROWS / tile^2 tiles, 32 channels), W warps = slots x
+    tile / R, each round staging ``WGRAD_SLOTS`` tiles' halos in shared memory
+    (as the forward) while each warp loads its R x tile dy values, then 49 R tile
+    FFMAs into 50 fp32 registers; per CTA the slots' partials are summed through
+    shared memory and written as one [50, 32] fp32 partial, the [chunks, 50, C]
+    partials reduced by the gather's reduce kernel."""
+    e = torch.empty((), dtype=dtype).element_size()
+    a, b, stage_instr = TILE_WGRAD_OTHER[min(e, 4)]
+    R = min(tile, 4)
+    nb, slots = tile // R, WGRAD_SLOTS[tile]
+    warps_per_cta = slots * nb
+    per_chunk = WGRAD_TILE_ROWS // tile**2
+    VS = 16 // e if C % (16 // e) == 0 else 1
+    side, hp = tile + 6, (tile + 6)**2
+    K = halo.shape[0]
+    chunks = max(1, -(-K // per_chunk))
+    groups = -(-C // TILE_CH)
+    ctas = chunks * groups
+    rounds = sum(-(-min(per_chunk, K - k * per_chunk) // slots) for k in range(chunks))
+    vis_halo = int((halo >= 0).sum())
+    io = 2 * M * C * e                               # read dy and x (the floor)
+    part = chunks * (TAPS + 1) * C * 4               # fp32 partials
+    hbm = io + K * hp * 4 + TAPS * C * 4 + 2 * part  # + table, output, partials w + r
+    l2 = vis_halo * C * e + M * C * e + K * groups * hp * 4 + 2 * part
+    stage_iters = -(-slots * hp * (TILE_CH // VS) // 32)  # staging warp-iterations a round
+    items = K * nb * groups                          # warp-items (32 channels, R x T pixels)
+    outs = R * tile
+    wf = (rounds * groups * stage_iters * (1 + VS)
+          + vis_halo * groups * -(-TILE_CH * e // hw['wavefront_B'])
+          + items * ((R + 6) * side + 2 * outs)    # shared loads; dy + table loads
+          + ctas * (warps_per_cta * 2 * (TAPS + 1) + TAPS + 1))  # slot reduction, stores
+    instr = (rounds * groups * stage_iters * stage_instr
+             + items * (TAPS * outs + (R + 6) * side + a + b * outs)
+             + ctas * warps_per_cta * TILE_WGRAD_EPILOGUE[warps_per_cta])
+    ffma = M * C * TAPS / 32
+    t = _times(io, hbm, l2, wf, instr, ffma, hw)
+    return dict(pass_='wgrad', path=f'tile{tile}', M=M, C=C, V=1,
+                rows_per_cta=per_chunk * tile * tile, **t)
+
+
 def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         mask_ratio: float = shapes.FCMAE_MASK_RATIO, dtype=torch.bfloat16,
         stages=(0, 1, 2, 3), progress=None, path=None) -> List[dict]:
@@ -184,7 +263,10 @@ def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         table = lay.neighbour_rows()
         tile = conv_tile(lay, device_type='cuda') if path is None else path
         for kind in ('fwd', 'dgrad', 'wgrad'):
-            if kind != 'wgrad' and tile:
+            if kind == 'wgrad' and tile:
+                r = model_tile_wgrad_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile),
+                                          tile)
+            elif tile:
                 r = model_tile_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile)
             else:
                 r = model_pass('wgrad' if kind == 'wgrad' else 'fwd', lay.num_rows, C, dtype,
@@ -207,13 +289,16 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None):
     return run(progress=progress)
 
 
-def compare_paths(**kw) -> List[dict]:
-    """The forward rows of every path (gather, tile 2/4/8) at every stage."""
-    return [r for p in (0, ) + TILES for r in run(path=p, **kw) if r['pass'] == 'fwd']
+def compare_paths(passes=('fwd', ), **kw) -> List[dict]:
+    """The rows of ``passes`` on every path (gather, tile 2/4/8) at every stage."""
+    return [r for p in (0, ) + TILES for r in run(path=p, **kw) if r['pass'] in passes]
 
 
 if __name__ == '__main__':
     from benchmarks import common
     print(common.markdown_table(run(), COLUMNS))
-    print('\nforward, every path (model, not a GPU measurement):\n')
-    print(common.markdown_table(sorted(compare_paths(), key=lambda r: r['stage']), COLUMNS))
+    for kind in ('fwd', 'wgrad'):
+        for dt in (torch.bfloat16, torch.float32):
+            print(f'\n{kind} {dt}, every path (model, not a GPU measurement):\n')
+            print(common.markdown_table(sorted(compare_paths((kind, ), dtype=dt),
+                                               key=lambda r: r['stage']), COLUMNS))

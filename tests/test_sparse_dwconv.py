@@ -208,18 +208,27 @@ def test_neighbour_rows_match_python_construction(kind):
 
 @needs_ext
 def test_encoder_stage_builds_neighbour_rows_once(monkeypatch):
-    """Every block (forward, input grad, weight grad) of a stage reads the one table."""
+    """Every block (forward, input grad, weight grad) of a stage reads the one
+    table of its path: the neighbour rows (gather) or, where the CPU takes the
+    tile path (stage 1, 8x8 tiles: conv_tile), the tile halo rows."""
     from convnextv2_fast.models.sparse_encoder import SparseConvNeXtV2
     from convnextv2_fast.sparse import layout as layout_mod
     calls = []
     orig = layout_mod.StageLayout.neighbour_rows
+    orig_halo = layout_mod.StageLayout.tile_halo_rows
 
     def counting(self):
         if 'rows' not in self._cache:
             calls.append(id(self))
         return orig(self)
 
+    def counting_halo(self, tile):
+        if ('halo', tile) not in self._cache:
+            calls.append(id(self))
+        return orig_halo(self, tile)
+
     monkeypatch.setattr(layout_mod.StageLayout, 'neighbour_rows', counting)
+    monkeypatch.setattr(layout_mod.StageLayout, 'tile_halo_rows', counting_halo)
     enc = SparseConvNeXtV2(arch=dict(depths=[2, 1, 2, 1], channels=[8, 8, 8, 8]),
                            dwconv_impl='ext')
     x = torch.randn(2, 3, 64, 64)

@@ -181,5 +181,25 @@ def test_cu_threads_fall_back_to_launch_bounds():
     assert sm90._cu_launch_bounds(src, 'other_kernel', {}) is None
 
 
+def test_sparse_dwconv_cu_launch_sites_cover_every_kernel():
+    """Every ``__global__`` kernel of the sparse dwconv .cu has a launch site
+    the static rows read, with its threads (from the site or, for the tile
+    kernels' template-dependent blocks, their ``__launch_bounds__``) and grid."""
+    import re
+    src = os.path.join(ROOT, 'csrc', 'sparse_dwconv', 'sparse_dwconv_cuda.cu')
+    with open(src) as f:
+        text = f.read()
+    consts = sm90._cu_consts(text)
+    sites = sm90._cu_launch_sites(text)
+    kernels = set(re.findall(r'__global__\s+void\s+__launch_bounds__\([^)]*\)\s*(\w+)', text))
+    assert 'sparse_dwconv_tile_wgrad_kernel' in kernels
+    assert kernels == set(sites), (kernels, set(sites))
+    for k in kernels:
+        threads = sites[k]['threads'] or sm90._cu_launch_bounds(text, k, consts)
+        assert threads and threads % 32 == 0, k
+        assert len(sites[k]['grid']['dims']) in (1, 2), k
+    assert sm90._cu_launch_bounds(text, 'sparse_dwconv_tile_wgrad_kernel', consts) == 128
+
+
 if __name__ == '__main__':
     _heavy_main(sys.argv[1])

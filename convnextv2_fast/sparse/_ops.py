@@ -44,15 +44,18 @@ def sparse_ops():
 
 
 STALE_BUILD = ('the compiled extension predates the [49, C]-taps / [M, 49] neighbour-row '
-               'op signature or the tile op sparse_dwconv_tile_fwd (a stale build): '
+               'op signature or the tile ops sparse_dwconv_tile_fwd / '
+               'sparse_dwconv_tile_wgrad (a stale build): '
                'rebuild it with `python setup.py build_ext --inplace`')
+
+TILE_OPS = ('sparse_dwconv_tile_fwd', 'sparse_dwconv_tile_wgrad')
 
 
 def schema_current() -> bool:
     """True when the loaded ops take the per-stage neighbour-row table and have
-    the tile path (``sparse_dwconv_tile_fwd``)."""
+    the tile path (:data:`TILE_OPS`)."""
     return ('nbr_rows' in str(torch.ops.convnextv2_fast.sparse_dwconv_fwd.default._schema)
-            and hasattr(torch.ops.convnextv2_fast, 'sparse_dwconv_tile_fwd'))
+            and all(hasattr(torch.ops.convnextv2_fast, op) for op in TILE_OPS))
 
 
 def _register_fakes():
@@ -65,9 +68,16 @@ def _register_fakes():
     def _tile_fwd_fake(feats, taps, bias, halo_rows, tile):
         return torch.empty_like(feats)
 
-    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_bwd_weight')
-    def _bwd_weight_fake(grad_out, feats, nbr_rows):
+    def _wgrad_fake(feats):
         acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
         c = feats.shape[1]
         return (feats.new_empty((49, c), dtype=acc),
                 feats.new_empty((c, ), dtype=acc))
+
+    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_bwd_weight')
+    def _bwd_weight_fake(grad_out, feats, nbr_rows):
+        return _wgrad_fake(feats)
+
+    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_tile_wgrad')
+    def _tile_wgrad_fake(grad_out, feats, halo_rows, tile):
+        return _wgrad_fake(feats)

@@ -11,7 +11,8 @@ One op, top to bottom:
    bias, halo_rows, tile)``, where :func:`conv_tile` picks a tile size: each
    tile's halo is staged once (shared memory on the GPU, zeros for absent
    pixels) and the dense 7x7 stencil runs on it — the same result as the
-   gather, bit for bit, without the [M, 49] table reads;
+   gather, bit for bit, without the [M, 49] table reads; the weight gradient
+   there is ``sparse_dwconv_tile_wgrad(grad_out, feats, halo_rows, tile)``;
 2. host functions :func:`sparse_dwconv_forward` / :func:`sparse_dwconv_backward`
    (validate, call the op, return tensors; testable without autograd).  The
    input gradient is the forward op with the taps reversed (the submanifold
@@ -78,7 +79,9 @@ TILES = (2, 4, 8)  # tile sizes the compiled tile path is instantiated for
 # GPU, from benchmarks/model_sparse_dwconv.py (model, not a GPU measurement;
 # V2-B 224^2, mask 0.6, bf16, x HBM floor gather -> tile): 8x8 7.1 -> 3.0,
 # 4x4 7.1 -> 3.7, 2x2 7.1 -> 7.6 (each 2x2 tile stages 64 halo pixels for 4
-# outputs: L2 and shared-memory traffic eat the gain), 1x1 7.1 -> 19 (tile2).
+# outputs: L2 and shared-memory traffic eat the gain), 1x1 7.1 -> 19 (tile2);
+# the weight gradient follows the forward's path: 8x8 7.1 -> 2.9, 4x4 7.1 -> 3.6
+# (2x2 7.1 -> 6.7 at stage 3, where the forward keeps the gather).
 # CPU (measured, C++ twin, fp32, 2 threads, V2-B widths): 8x8 is faster than
 # the gather (8.4 vs 9.2 ms at stage 1, 8 images), 4x4 and 2x2 slower (5.6 vs
 # 4.8 ms, 5.1 vs 2.4 ms): the twin's un-unrolled stencil pays for the staging.
@@ -127,19 +130,26 @@ def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
                                               Optional[torch.Tensor]]:
     """(grad_feats, grad_weight2d (C, 49) fp32, grad_bias fp32); None where not needed.
 
-    The input gradient is the forward op on ``grad_out`` with the taps reversed
-    (same path, ``tile``: :func:`conv_tile`); the weight gradient reads the
-    neighbour-row table.
+    The input gradient is the forward op on ``grad_out`` with the taps reversed;
+    the weight gradient is ``sparse_dwconv_tile_wgrad`` (each tile's x halo
+    staged once, its dy read once) on the tile path, the per-row gather through
+    the neighbour-row table otherwise — both on the path ``tile``
+    (:func:`conv_tile`); the two weight gradients differ only in fp32
+    summation order, each is bit-reproducible.
     """
     ops = ops or sparse_ops()
     grad_out = grad_out.contiguous()
+    path = conv_tile(layout, tile)
     gin = gw = gb = None
     if need_input:
-        gin = _conv_op(ops, grad_out, _taps(weight2d, flip=True), None, layout,
-                       conv_tile(layout, tile))
+        gin = _conv_op(ops, grad_out, _taps(weight2d, flip=True), None, layout, path)
     if need_weight:
-        gw, gb = ops.sparse_dwconv_bwd_weight(grad_out, feats.contiguous(),
-                                              layout.neighbour_rows())
+        if path:
+            gw, gb = ops.sparse_dwconv_tile_wgrad(grad_out, feats.contiguous(),
+                                                  layout.tile_halo_rows(path), path)
+        else:
+            gw, gb = ops.sparse_dwconv_bwd_weight(grad_out, feats.contiguous(),
+                                                  layout.neighbour_rows())
         gw = gw.t()
     return gin, gw, gb
 

@@ -24,6 +24,13 @@
 // Each tile's halo is staged once per channel group (shared memory on the GPU)
 // and the dense 7x7 stencil runs on it: no [M, 49] table reads.
 //
+// Tile path of the weight/bias gradient (sparse_dwconv_tile_wgrad(grad_out, feats,
+// halo_rows, tile) -> (grad_taps, grad_bias), same outputs as the gather op below
+// up to fp32 summation order): per tile the x halo is staged once (zeros for
+// absent pixels) and the tile's dy read once, all 49 taps + the bias
+// accumulated in opmath; chunks of TileGeom<tile>::kWgradTiles consecutive
+// tiles write partials [chunks, 50, C], summed in chunk order like the gather's.
+//
 // Weight/bias gradient: deterministic.  Rows are split into fixed chunks of
 // sdw::kWgradRowsPerChunk; each chunk writes fp32 (fp64 for fp64) partials
 // [chunks, 50, C] (49 taps + bias), summed afterwards in chunk order.  No float
@@ -35,6 +42,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <tuple>
 #include <type_traits>
 
@@ -74,7 +82,28 @@ void dispatch_tile(int tile, F&& f) {
 // Checks of the tile op's arguments (both twins); returns the number of tiles.
 int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor& taps,
                                       const c10::optional<at::Tensor>& bias,
-                                      const at::Tensor& halo_rows, int64_t tile);
+                                      const at::Tensor& halo_rows, int64_t tile,
+                                      const char* op = "sparse_dwconv_tile_fwd");
+// Checks of the tile weight-gradient op's arguments; returns the number of tiles.
+int64_t check_sparse_dwconv_tile_wgrad_args(const at::Tensor& grad_out, const at::Tensor& feats,
+                                            const at::Tensor& halo_rows, int64_t tile);
+
+// Chunks of the tile weight gradient (at least one: it writes zeros for K == 0).
+inline int64_t wgrad_tile_chunks(int64_t K, int64_t tile) {
+  int64_t chunks = 1;
+  dispatch_tile(static_cast<int>(tile), [&](auto tc) {
+    constexpr int n = sdw::TileGeom<decltype(tc)::value>::kWgradTiles;
+    chunks = std::max<int64_t>(1, (K + n - 1) / n);
+  });
+  return chunks;
+}
+
+// The weight-gradient outputs of both paths: opmath partials [chunks, 50, C],
+// grad_taps [49, C], grad_bias [C] (fp32; fp64 for fp64 feats).
+struct WgradOut {
+  at::Tensor partial, grad_taps, grad_bias;
+};
+WgradOut wgrad_outputs(const at::Tensor& feats, int64_t chunks, const char* op);
 
 at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias,
@@ -84,6 +113,9 @@ at::Tensor sparse_dwconv_tile_fwd_cpu(const at::Tensor& feats, const at::Tensor&
                                       const at::Tensor& halo_rows, int64_t tile);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
+std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cpu(
+    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& halo_rows,
+    int64_t tile);
 
 #ifdef WITH_CUDA
 at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
@@ -94,6 +126,9 @@ at::Tensor sparse_dwconv_tile_fwd_cuda(const at::Tensor& feats, const at::Tensor
                                        const at::Tensor& halo_rows, int64_t tile);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
+std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cuda(
+    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& halo_rows,
+    int64_t tile);
 #endif
 
 }  // namespace convnextv2_fast

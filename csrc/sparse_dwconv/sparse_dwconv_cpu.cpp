@@ -63,8 +63,8 @@ void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
 
 int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor& taps,
                                       const c10::optional<at::Tensor>& bias,
-                                      const at::Tensor& halo_rows, int64_t tile) {
-  const char* op = "sparse_dwconv_tile_fwd";
+                                      const at::Tensor& halo_rows, int64_t tile,
+                                      const char* op) {
   check_feats_taps_bias(feats, taps, bias, op);
   TORCH_CHECK(tile == 2 || tile == 4 || tile == 8, op, ": tile must be 2, 4 or 8, got ", tile);
   const int64_t halo = (tile + 6) * (tile + 6);
@@ -83,20 +83,45 @@ int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor&
   return K;
 }
 
+namespace {
+
+// grad_out / feats checks of both weight-gradient ops; returns a shape-only
+// [49, C] taps tensor for the feats checks of the forward ops.
+at::Tensor check_grad_out(const at::Tensor& grad_out, const at::Tensor& feats, const char* op) {
+  TORCH_CHECK(feats.dim() == 2, op, ": feats must be [M, C], got ", feats.sizes());
+  TORCH_CHECK(grad_out.sizes() == feats.sizes(), op, ": grad_out must have the shape of feats ",
+              feats.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == feats.scalar_type(), op,
+              ": grad_out dtype must equal the feats dtype");
+  TORCH_CHECK(grad_out.is_contiguous(), op, ": grad_out must be contiguous");
+  TORCH_CHECK(grad_out.device() == feats.device(), op, ": grad_out must be on the feats device");
+  return at::empty({kTaps, feats.size(1)}, feats.options());
+}
+
+}  // namespace
+
 void check_sparse_dwconv_bwd_weight_args(const at::Tensor& grad_out, const at::Tensor& feats,
                                          const at::Tensor& nbr_rows) {
-  TORCH_CHECK(feats.dim() == 2, "sparse_dwconv_bwd_weight: feats must be [M, C], got ",
-              feats.sizes());
+  const char* op = "sparse_dwconv_bwd_weight";
+  const at::Tensor dummy = check_grad_out(grad_out, feats, op);
+  check_sparse_dwconv_args(feats, dummy, c10::nullopt, nbr_rows, op);
+}
+
+int64_t check_sparse_dwconv_tile_wgrad_args(const at::Tensor& grad_out, const at::Tensor& feats,
+                                            const at::Tensor& halo_rows, int64_t tile) {
+  const char* op = "sparse_dwconv_tile_wgrad";
+  const at::Tensor dummy = check_grad_out(grad_out, feats, op);
+  return check_sparse_dwconv_tile_args(feats, dummy, c10::nullopt, halo_rows, tile, op);
+}
+
+WgradOut wgrad_outputs(const at::Tensor& feats, int64_t chunks, const char* op) {
   const int64_t C = feats.size(1);
-  auto dummy = at::empty({kTaps, C}, feats.options());  // shape-only for the checks
-  check_sparse_dwconv_args(feats, dummy, c10::nullopt, nbr_rows, "sparse_dwconv_bwd_weight");
-  TORCH_CHECK(grad_out.sizes() == feats.sizes(), "sparse_dwconv_bwd_weight: grad_out must have "
-              "the shape of feats ", feats.sizes(), ", got ", grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == feats.scalar_type(),
-              "sparse_dwconv_bwd_weight: grad_out dtype must equal the feats dtype");
-  TORCH_CHECK(grad_out.is_contiguous(), "sparse_dwconv_bwd_weight: grad_out must be contiguous");
-  TORCH_CHECK(grad_out.device() == feats.device(),
-              "sparse_dwconv_bwd_weight: grad_out must be on the feats device");
+  TORCH_CHECK(chunks * (kTaps + 1) * C < (int64_t(1) << 31), op,
+              ": too many partials for int32 indexing");
+  const auto acc_dtype = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opt = feats.options().dtype(acc_dtype);
+  return {at::empty({chunks, kTaps + 1, C}, opt), at::empty({kTaps, C}, opt),
+          at::empty({C}, opt)};
 }
 
 namespace {
@@ -107,6 +132,22 @@ constexpr int kCpuFwdRows = 64;
 template <typename T>
 int cpu_vec(int64_t C, std::initializer_list<const void*> ptrs) {
   return sdw::pick_vec(C, 16, ptrs, sizeof(T));
+}
+
+// (grad_taps, grad_bias): the chunk partials summed in chunk order.
+std::tuple<at::Tensor, at::Tensor> reduce_partials(WgradOut& o, int64_t chunks) {
+  const int C = static_cast<int>(o.grad_bias.size(0));
+  AT_DISPATCH_FLOATING_TYPES(o.partial.scalar_type(), "sparse_dwconv_wgrad_reduce_cpu", [&] {
+    const scalar_t* pp = o.partial.const_data_ptr<scalar_t>();
+    scalar_t* gt = o.grad_taps.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = o.grad_bias.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, int64_t(kTaps + 1) * C, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        sdw::reduce_chunks<scalar_t>(pp, static_cast<int>(chunks), C, static_cast<int>(i), gt,
+                                     gb);
+    });
+  });
+  return {o.grad_taps, o.grad_bias};
 }
 
 }  // namespace
@@ -202,19 +243,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
   const int M = static_cast<int>(feats.size(0)), C = static_cast<int>(feats.size(1));
   const int chunks = std::max(1, (M + kWgradRowsPerChunk - 1) / kWgradRowsPerChunk);
   const int per = (kTaps + 1) * C;
-  TORCH_CHECK(int64_t(chunks) * per < (int64_t(1) << 31),
-              "sparse_dwconv_bwd_weight_cpu: too many partials for int32 indexing");
-  const auto acc_dtype = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto partial = at::empty({chunks, kTaps + 1, C}, feats.options().dtype(acc_dtype));
-  auto grad_taps = at::empty({kTaps, C}, feats.options().dtype(acc_dtype));
-  auto grad_bias = at::empty({C}, feats.options().dtype(acc_dtype));
+  WgradOut o = wgrad_outputs(feats, chunks, "sparse_dwconv_bwd_weight_cpu");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "sparse_dwconv_bwd_weight_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* x = feats.const_data_ptr<scalar_t>();
     const int32_t* nb = nbr_rows.const_data_ptr<int32_t>();
-    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    acc_t* pp = o.partial.mutable_data_ptr<acc_t>();
     const int vec = cpu_vec<scalar_t>(C, {dy, x});
     dispatch_vec<16, 8, 4, 2, 1>(vec, [&](auto vc) {
       constexpr int V = decltype(vc)::value;
@@ -227,14 +263,76 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
         }
       });
     });
-    acc_t* gt = grad_taps.mutable_data_ptr<acc_t>();
-    acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, per, 1024, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        sdw::reduce_chunks<acc_t>(pp, chunks, C, static_cast<int>(i), gt, gb);
+  });
+  return reduce_partials(o, chunks);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cpu(const at::Tensor& grad_out,
+                                                                const at::Tensor& feats,
+                                                                const at::Tensor& halo_rows,
+                                                                int64_t tile) {
+  const int64_t K = check_sparse_dwconv_tile_wgrad_args(grad_out, feats, halo_rows, tile);
+  TORCH_CHECK(feats.device().is_cpu(),
+              "sparse_dwconv_tile_wgrad_cpu: grad_out and feats must be CPU tensors");
+  const int C = static_cast<int>(feats.size(1));
+  const int per = (kTaps + 1) * C;
+  const int64_t chunks = wgrad_tile_chunks(K, tile);
+  WgradOut o = wgrad_outputs(feats, chunks, "sparse_dwconv_tile_wgrad_cpu");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "sparse_dwconv_tile_wgrad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const int32_t* halo_all = halo_rows.const_data_ptr<int32_t>();
+    acc_t* pp = o.partial.mutable_data_ptr<acc_t>();
+    const int vec = cpu_vec<scalar_t>(C, {dy, x});
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    dispatch_tile(static_cast<int>(tile), [&](auto tc) {
+      constexpr int TS = decltype(tc)::value;
+      using G = sdw::TileGeom<TS>;
+      constexpr int HP = G::kHaloPx, R = G::kRows, NB = TS / R, W = G::kWgradWarps;
+      dispatch_vec<16, 8, 4, 2, 1>(vec, [&](auto vc) {
+        constexpr int V = decltype(vc)::value;
+        using Acc = acc_t[kTaps + 1][V];
+        // One task = whole chunks, all channels, in the GPU's order: the
+        // chunk's tiles go kWgradSlots at a time to slots s = 0, 1, ...; slot
+        // s, pixel-row block b accumulates in partials w = s * NB + b (per
+        // channel group: [W][C / V][50][V]), summed over w in order at the end.
+        at::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
+          auto buf_t = at::empty({HP * int64_t(C)}, feats.options().dtype(acc_dtype));
+          auto acc_t_ = at::empty({int64_t(W) * per}, feats.options().dtype(acc_dtype));
+          acc_t* buf = buf_t.mutable_data_ptr<acc_t>();
+          acc_t* accs = acc_t_.mutable_data_ptr<acc_t>();
+          for (int64_t k = kb; k < ke; ++k) {
+            std::fill(accs, accs + int64_t(W) * per, acc_t(0));
+            const int64_t j1 = std::min<int64_t>(K, (k + 1) * G::kWgradTiles);
+            for (int64_t j = k * G::kWgradTiles; j < j1; ++j) {
+              const int s = static_cast<int>((j - k * G::kWgradTiles) % G::kWgradSlots);
+              const int32_t* halo = halo_all + j * HP;
+              for (int p = 0; p < HP; ++p)
+                for (int c0 = 0; c0 < C; c0 += V)
+                  sdw::stage_halo_px<scalar_t, V>(halo, p, x, C, c0, buf + p * C + c0);
+              for (int b = 0; b < NB; ++b) {
+                for (int c0 = 0; c0 < C; c0 += V) {
+                  acc_t g[R][TS][V];
+                  sdw::load_tile_dy<scalar_t, V, TS, R>(halo, b * R, dy, C, c0, g);
+                  Acc& a = *reinterpret_cast<Acc*>(accs + (s * NB + b) * per
+                                                  + c0 * (kTaps + 1));
+                  sdw::wgrad_tile_rows<scalar_t, V, TS, R>(buf, C, c0, b * R, g, a);
+                }
+              }
+            }
+            for (int c0 = 0; c0 < C; c0 += V)
+              for (int t = 0; t <= kTaps; ++t)
+                for (int v = 0; v < V; ++v)
+                  pp[k * per + t * C + c0 + v] =
+                      sdw::sum_slots<acc_t>(accs + c0 * (kTaps + 1) + t * V + v, per, W);
+          }
+        });
+      });
     });
   });
-  return {grad_taps, grad_bias};
+  return reduce_partials(o, chunks);
 }
 
 }  // namespace convnextv2_fast

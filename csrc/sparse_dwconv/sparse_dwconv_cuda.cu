@@ -19,6 +19,19 @@
 // 49 R TS FFMAs (conv_tile_rows).  Threads (32, TS / R).  No [M, 49] table: one
 // int32 halo row per tile.  Shared memory (static, so the static gate sees
 // it): (TS + 6)^2 * 32 * 4 B = 25 KB (TS = 8), 12.5 KB (4), 8 KB (2).
+// Tile path of the weight/bias gradient (sparse_dwconv_tile_wgrad): one CTA
+// per (chunk of kWgradTiles consecutive tiles, 32 channels), threads (32,
+// kWgradWarps): warp y = (slot s, pixel-row block b).  Per round the CTA
+// stages kWgradSlots tiles' halos in shared memory (fp32, 16-byte loads, zeros
+// for absent pixels, as the forward), warp (s, b) reads its R x TS dy values
+// of tile s (issued before the staging sync, so both are in flight together)
+// and adds all 49 tap products + the bias to its 50 fp32 registers
+// (wgrad_tile_rows).  At the end of the chunk the warps' partials go through
+// shared memory and are summed in slot order (sum_slots) into the chunk's
+// [50, C] partial; the [chunks, 50, C] partials are then summed in chunk order
+// by the gather path's reduce kernel.  No atomics; the C++ twin runs the same
+// chunks, slots and orders.  Shared memory (static): kWgradSlots (TS + 6)^2 *
+// 32 * 4 B = 25 KB (TS = 8, 1 slot), 25.6 KB (4, 2 slots), 32 KB (2, 4 slots).
 // Weight/bias gradient: one CTA per chunk of kWgradRowsPerChunk rows, thread x
 // owns a group of V = 2 channels and its 50 x 2 fp32 accumulators (49 taps +
 // bias) in registers: one pass over dy and x of the chunk, every tap inside.
@@ -46,6 +59,7 @@ constexpr int kWgradVec = 2;          // channels per thread in the weight gradi
 constexpr int kReduceThreads = 256;
 constexpr int kTileCh = 32;           // channels per CTA of the tile path
 constexpr int kTileThreads = 64;      // upper bound: kTileCh * TS / R <= 32 * 2
+constexpr int kTileWgradThreads = 128;  // upper bound: kTileCh * kWgradWarps <= 32 * 4
 
 
 // fp32 / fp16 / bf16 (fp64 is CPU-only).
@@ -132,6 +146,61 @@ __global__ void __launch_bounds__(kThreads) sparse_dwconv_wgrad_partial_kernel(
     sdw::wgrad_chunk<T, V>(nbr, dy, x, C, g * V, m0, m1, partial + k * (kTaps + 1) * C);
 }
 
+template <typename T, int VS, int TS>
+__global__ void __launch_bounds__(kTileWgradThreads) sparse_dwconv_tile_wgrad_kernel(
+    const T* __restrict__ dy,           // [M, C]
+    const T* __restrict__ x,            // [M, C]
+    const int32_t* __restrict__ halo_rows,  // [K, (TS + 6)^2] halo rows, -1 = absent
+    at::opmath_type<T>* __restrict__ partial,  // [chunks, 50, C]
+    int K, int C) {
+  using acc_t = at::opmath_type<T>;
+  using G = sdw::TileGeom<TS>;
+  constexpr int kHaloPx = G::kHaloPx;
+  constexpr int R = G::kRows, NB = TS / R, P = G::kWgradSlots, W = G::kWgradWarps;
+  constexpr int kStageGroups = kTileCh / VS;  // lanes staging one pixel
+  constexpr int kNumThreads = kTileCh * W;
+  static_assert(W * (sdw::kTaps + 1) <= P * kHaloPx, "slot partials must fit the buffer");
+  __shared__ __align__(32) acc_t buf[P * kHaloPx * kTileCh];
+  const int k = blockIdx.x;
+  const int cbase = blockIdx.y * kTileCh;
+  const int tid = threadIdx.y * kTileCh + threadIdx.x;
+  const int s = threadIdx.y / NB, b = threadIdx.y % NB;
+  const int c0 = cbase + threadIdx.x;
+  const bool active = c0 < C;
+  acc_t acc[sdw::kTaps + 1][1];
+  CNX_UNROLL
+  for (int t = 0; t <= sdw::kTaps; ++t) acc[t][0] = acc_t(0);
+  const int j_end = min(K, (k + 1) * G::kWgradTiles);
+  for (int j0 = k * G::kWgradTiles; j0 < j_end; j0 += P) {
+    const int j = j0 + s;
+    const bool mine = active && j < j_end;
+    acc_t g[R][TS][1];
+    if (mine) sdw::load_tile_dy<T, 1, TS, R>(halo_rows + j * kHaloPx, b * R, dy, C, c0, g);
+    for (int i = tid; i < P * kHaloPx * kStageGroups; i += kNumThreads) {
+      const int q = i / (kHaloPx * kStageGroups), rem = i % (kHaloPx * kStageGroups);
+      const int p = rem / kStageGroups, gi = rem % kStageGroups;
+      if (j0 + q < j_end && cbase + gi * VS < C)
+        sdw::stage_halo_px<T, VS>(halo_rows + (j0 + q) * kHaloPx, p, x, C, cbase + gi * VS,
+                                  buf + (q * kHaloPx + p) * kTileCh + gi * VS);
+    }
+    __syncthreads();
+    if (mine)
+      sdw::wgrad_tile_rows<T, 1, TS, R>(buf + s * kHaloPx * kTileCh, kTileCh, threadIdx.x,
+                                        b * R, g, acc);
+    __syncthreads();
+  }
+  // The W warps' partials, summed in slot order (sum_slots), as the C++ twin does.
+  constexpr int kSlotStride = (sdw::kTaps + 1) * kTileCh;
+  CNX_UNROLL
+  for (int t = 0; t <= sdw::kTaps; ++t)
+    buf[threadIdx.y * kSlotStride + t * kTileCh + threadIdx.x] = acc[t][0];
+  __syncthreads();
+  if (!active) return;
+  for (int t = threadIdx.y; t <= sdw::kTaps; t += W)
+    partial[(k * (sdw::kTaps + 1) + t) * C + c0] =
+        sdw::sum_slots<acc_t>(buf + t * kTileCh + threadIdx.x, kSlotStride, W);
+}
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads) sparse_dwconv_wgrad_reduce_kernel(
     const acc_t* __restrict__ partial,  // [chunks, 50, C]
@@ -140,6 +209,20 @@ __global__ void __launch_bounds__(kReduceThreads) sparse_dwconv_wgrad_reduce_ker
     int chunks, int C) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < (kTaps + 1) * C) sdw::reduce_chunks<acc_t>(partial, chunks, C, i, grad_taps, grad_bias);
+}
+
+// (grad_taps, grad_bias): the chunk partials summed in chunk order (both paths).
+std::tuple<at::Tensor, at::Tensor> reduce_partials(WgradOut& o, int chunks) {
+  const int C = static_cast<int>(o.grad_bias.size(0));
+  const int per = (kTaps + 1) * C;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  using acc_t = float;  // fp64 is CPU-only
+  sparse_dwconv_wgrad_reduce_kernel<acc_t>
+      <<<(per + kReduceThreads - 1) / kReduceThreads, kReduceThreads, 0, stream>>>(
+          o.partial.const_data_ptr<acc_t>(), o.grad_taps.mutable_data_ptr<acc_t>(),
+          o.grad_bias.mutable_data_ptr<acc_t>(), chunks, C);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {o.grad_taps, o.grad_bias};
 }
 
 }  // namespace
@@ -225,20 +308,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
   const c10::cuda::CUDAGuard guard(feats.device());
   const int M = static_cast<int>(feats.size(0)), C = static_cast<int>(feats.size(1));
   const int chunks = std::max(1, (M + kWgradRowsPerChunk - 1) / kWgradRowsPerChunk);
-  const int per = (kTaps + 1) * C;
-  TORCH_CHECK(int64_t(chunks) * per < (int64_t(1) << 31),
-              "sparse_dwconv_bwd_weight_cuda: too many partials for int32 indexing");
-  const auto acc_dtype = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto partial = at::empty({chunks, kTaps + 1, C}, feats.options().dtype(acc_dtype));
-  auto grad_taps = at::empty({kTaps, C}, feats.options().dtype(acc_dtype));
-  auto grad_bias = at::empty({C}, feats.options().dtype(acc_dtype));
+  WgradOut o = wgrad_outputs(feats, chunks, "sparse_dwconv_bwd_weight_cuda");
   auto stream = at::cuda::getCurrentCUDAStream();
   CNX_DISPATCH_FLOAT_HALF_BF16(feats.scalar_type(), "sparse_dwconv_bwd_weight_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* x = feats.const_data_ptr<scalar_t>();
     const int32_t* nb = nbr_rows.const_data_ptr<int32_t>();
-    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    acc_t* pp = o.partial.mutable_data_ptr<acc_t>();
     const int vec = sdw::pick_vec(C, kWgradVec, {dy, x}, sizeof(scalar_t));
     dispatch_vec<2, 1>(vec, [&](auto vc) {
       constexpr int V = decltype(vc)::value;
@@ -247,13 +324,46 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
           <<<chunks, wgrad_threads(C, V), 0, stream>>>(dy, x, nb, pp, M, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-    sparse_dwconv_wgrad_reduce_kernel<acc_t>
-        <<<(per + kReduceThreads - 1) / kReduceThreads, kReduceThreads, 0, stream>>>(
-            pp, grad_taps.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
-            chunks, C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_taps, grad_bias};
+  return reduce_partials(o, chunks);
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cuda(const at::Tensor& grad_out,
+                                                                 const at::Tensor& feats,
+                                                                 const at::Tensor& halo_rows,
+                                                                 int64_t tile) {
+  const int64_t K = check_sparse_dwconv_tile_wgrad_args(grad_out, feats, halo_rows, tile);
+  TORCH_CHECK(feats.is_cuda(),
+              "sparse_dwconv_tile_wgrad_cuda: grad_out and feats must be CUDA tensors");
+  TORCH_CHECK(K < (int64_t(1) << 31), "sparse_dwconv_tile_wgrad_cuda: too many tiles");
+  const c10::cuda::CUDAGuard guard(feats.device());
+  const int C = static_cast<int>(feats.size(1));
+  const int chunks = static_cast<int>(wgrad_tile_chunks(K, tile));
+  WgradOut o = wgrad_outputs(feats, chunks, "sparse_dwconv_tile_wgrad_cuda");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  CNX_DISPATCH_FLOAT_HALF_BF16(feats.scalar_type(), "sparse_dwconv_tile_wgrad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const int32_t* hr = halo_rows.const_data_ptr<int32_t>();
+    acc_t* pp = o.partial.mutable_data_ptr<acc_t>();
+    // Staging as in the forward: 16-byte loads where C and feats allow it.
+    constexpr int kVS = 16 / sizeof(scalar_t);
+    const int vec = sdw::pick_vec(C, kVS, {x}, sizeof(scalar_t)) == kVS ? kVS : 1;
+    dispatch_tile(static_cast<int>(tile), [&](auto tc) {
+      constexpr int TS = decltype(tc)::value;
+      dispatch_vec<kVS, 1>(vec, [&](auto vc) {
+        constexpr int VS = decltype(vc)::value;
+        // K == 0 still launches one chunk: its partial is then written with zeros.
+        const dim3 grid(static_cast<unsigned>(chunks), (C + kTileCh - 1) / kTileCh);
+        const dim3 block(kTileCh, sdw::TileGeom<TS>::kWgradWarps);
+        sparse_dwconv_tile_wgrad_kernel<scalar_t, VS, TS><<<grid, block, 0, stream>>>(
+            dy, x, hr, pp, static_cast<int>(K), C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return reduce_partials(o, chunks);
 }
 
 }  // namespace convnextv2_fast

@@ -167,6 +167,17 @@ struct TileGeom {
   // (32 fp32 accumulators + 49 taps in registers, no spills at sm_90) for
   // 8x8 tiles, the whole tile for 4x4 and 2x2.
   static constexpr int kRows = TS < 4 ? TS : 4;
+  // Weight gradient (wgrad_tile_rows): a chunk is kWgradTiles consecutive
+  // tiles (kWgradTileRows pixels; fixed by TS alone, so both twins split the
+  // same way), processed kWgradSlots tiles at a time; each (slot, block of
+  // kRows pixel-rows) keeps its own opmath partials, summed over the
+  // kWgradWarps = kWgradSlots * TS / kRows of them in slot order at the end of
+  // the chunk (sum_slots).  GPU: one warp of 32 channels per (slot, block),
+  // 2 warps (TS = 8, 4) or 4 (TS = 2), kWgradSlots staged halos in shared memory.
+  static constexpr int kWgradTileRows = 256;
+  static constexpr int kWgradTiles = kWgradTileRows / (TS * TS);
+  static constexpr int kWgradSlots = TS == 8 ? 1 : TS == 4 ? 2 : 4;
+  static constexpr int kWgradWarps = kWgradSlots * (TS / kRows);
 };
 
 // Stage halo pixel p of channels [c0, c0 + V) to dst[0, V) (shared memory on
@@ -259,6 +270,95 @@ CNX_HD void conv_tile_rows(const at::opmath_type<T>* CNX_RESTRICT buf, int pitch
       store_vec<T, V>(out + m * C + c0, o);
     }
   }
+}
+
+// Tile path of the weight / bias gradient.
+//
+// dW[t, c] = sum_p dy[p, c] * x[p + off(t), c], db[c] = sum_p dy[p, c] over the
+// visible pixels p.  Per tile the x halo is staged once (stage_halo_px, zeros
+// for absent pixels) and the tile's dy is read once (load_tile_dy); every
+// staged x value then feeds all the (output, tap) pairs it meets.
+
+// dy of tile pixel-rows py0 .. py0 + R - 1 (all TS columns), channels
+// [c0, c0 + V), in opmath: g[r][px] = dy[own pixel] or 0 for an invisible own
+// pixel (it then adds 0 * x to every tap and 0 to the bias).
+template <typename T, int V, int TS, int R>
+CNX_HD void load_tile_dy(const int32_t* CNX_RESTRICT halo, int py0, const T* CNX_RESTRICT dy,
+                         int C, int c0, at::opmath_type<T> (&g)[R][TS][V]) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kSide = TileGeom<TS>::kSide;
+  CNX_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const int32_t* own = halo + (py0 + r + 3) * kSide + 3;
+    CNX_UNROLL
+    for (int px = 0; px < TS; ++px) {
+      const int32_t m = own[px];
+      if (m < 0) {
+        CNX_UNROLL
+        for (int v = 0; v < V; ++v) g[r][px][v] = acc_t(0);
+      } else {
+        const Vec<T, V> f = load_vec<T, V>(dy + m * C + c0);
+        CNX_UNROLL
+        for (int v = 0; v < V; ++v) g[r][px][v] = static_cast<acc_t>(f.v[v]);
+      }
+    }
+  }
+}
+
+// Adds the R x TS pixels' products to acc (opmath; registers on the GPU):
+//   acc[t][v] += g[r][px][v] * x(halo pixel (py0 + r + dy, px + dx))  (t = dy * 7 + dx)
+//   acc[49][v] += g[r][px][v]                                        (bias)
+// from the staged halo (value of halo pixel p, channel c0 + v at
+// buf[p * pitch + cc + v]).  The R + 6 halo rows the block needs are streamed
+// once, each staged value used for every (pixel, tap) it meets (up to 7 x 7):
+// (R + 6)(TS + 6) loads for 49 R TS FFMAs, the mirror of conv_tile_rows.
+// Per tap the products are added in pixel order (row, then column), the
+// bias in the same order.
+template <typename T, int V, int TS, int R>
+CNX_HD void wgrad_tile_rows(const at::opmath_type<T>* CNX_RESTRICT buf, int pitch, int cc,
+                            int py0, const at::opmath_type<T> (&g)[R][TS][V],
+                            at::opmath_type<T> (&acc)[kTaps + 1][V]) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kSide = TileGeom<TS>::kSide;
+  static_assert(TS % R == 0, "wgrad_tile_rows: R must divide TS");
+  CNX_UNROLL
+  for (int r = 0; r < R; ++r) {
+    CNX_UNROLL
+    for (int px = 0; px < TS; ++px) {
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) acc[kTaps][v] += g[r][px][v];
+    }
+  }
+  CNX_UNROLL
+  for (int hr = 0; hr < R + 6; ++hr) {  // halo row py0 + hr
+    const acc_t* row = buf + (py0 + hr) * kSide * pitch + cc;
+    CNX_UNROLL
+    for (int j = 0; j < kSide; ++j) {
+      const Vec<acc_t, V> xv = load_vec<acc_t, V>(row + j * pitch);
+      CNX_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const int dy = hr - r;
+        if (dy < 0 || dy > 6) continue;  // compile-time under full unrolling
+        CNX_UNROLL
+        for (int dx = 0; dx < 7; ++dx) {
+          const int px = j - dx;
+          if (px < 0 || px >= TS) continue;
+          CNX_UNROLL
+          for (int v = 0; v < V; ++v)
+            acc[dy * 7 + dx][v] += g[r][px][v] * xv.v[v];  // one FFMA
+        }
+      }
+    }
+  }
+}
+
+// The partials of n slots (p[0], p[stride], ...) summed in slot order: the
+// fixed-order reduction of a tile-wgrad chunk (no atomics).
+template <typename acc_t>
+CNX_HD acc_t sum_slots(const acc_t* CNX_RESTRICT p, int stride, int n) {
+  acc_t s = p[0];
+  for (int w = 1; w < n; ++w) s += p[w * stride];
+  return s;
 }
 
 // One weight-gradient chunk of channels [c0, c0 + V): rows [m0, m1) in order,
