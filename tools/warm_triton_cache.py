@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AREAS = {
     'block': dict(
         tests=['tests/test_fused_block.py', 'tests/test_ops_dwconv_ln.py',
-               'tests/test_ops_grn.py'],
+               'tests/test_ops_grn.py', 'tests/test_ops_grn_stats.py'],
         suites=['block'],
         budget=dict(install=30, build=150, tests=120, bench=170)),
     'fcmae': dict(
