@@ -248,6 +248,19 @@ def model_tile_wgrad_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor
                 rows_per_cta=per_chunk * tile * tile, **t)
 
 
+def model_layout_pass(kind: str, lay, C: int, dtype: torch.dtype, tile: int, hw=H200,
+                      table=None) -> dict:
+    """One pass (``'fwd'``, ``'dgrad'`` or ``'wgrad'``) of the conv on the path
+    ``tile`` (0 = the gather) for the real layout ``lay`` (a ``StageLayout``)."""
+    if kind == 'wgrad' and tile:
+        return model_tile_wgrad_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile,
+                                     hw)
+    if tile:
+        return model_tile_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile, hw)
+    return model_pass('wgrad' if kind == 'wgrad' else 'fwd', lay.num_rows, C, dtype,
+                      lay.neighbour_rows() if table is None else table, hw)
+
+
 def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         mask_ratio: float = shapes.FCMAE_MASK_RATIO, dtype=torch.bfloat16,
         stages=(0, 1, 2, 3), progress=None, path=None) -> List[dict]:
@@ -263,14 +276,7 @@ def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         table = lay.neighbour_rows()
         tile = conv_tile(lay, device_type='cuda') if path is None else path
         for kind in ('fwd', 'dgrad', 'wgrad'):
-            if kind == 'wgrad' and tile:
-                r = model_tile_wgrad_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile),
-                                          tile)
-            elif tile:
-                r = model_tile_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile)
-            else:
-                r = model_pass('wgrad' if kind == 'wgrad' else 'fwd', lay.num_rows, C, dtype,
-                               table)
+            r = model_layout_pass(kind, lay, C, dtype, tile, table=table)
             r.pop('pass_')
             row = {'bench': 'sparse_dwconv_model', 'stage': i + 1, 'pass': kind, 'N': N,
                    'img': size, 'mask_ratio': mask_ratio, 'dtype': str(dtype).split('.')[-1],

@@ -4,7 +4,7 @@ Picks what the machine can run: full-size suites on a CUDA GPU; on a machine
 without one, the timed suites run their ``--smoke`` configuration (tiny
 models on the CPU, the fused Triton kernels in the Triton interpreter), which
 is what the README's main command and CI run.  The CPU suites
-(:data:`CPU_SUITES`: static, traffic, memory, model) need no GPU and run at
+(:data:`CPU_SUITES`: static, traffic, memory, model, fcmae_model) need no GPU and run at
 full fidelity anywhere (``--smoke`` still selects their reduced set).
 Writes ``benchmarks/results/<device>-<date>.json`` (appending), a markdown
 table ``.md`` beside it, and PNG plots.
@@ -25,12 +25,13 @@ SUITES = {
     'traffic': 'benchmarks.bench_traffic',
     'memory': 'benchmarks.bench_memory',
     'model': 'benchmarks.bench_model',
+    'fcmae_model': 'benchmarks.model_fcmae',
 }
 
 # Suites computed on the CPU (compiler output, interpreter counts, fake
 # tensors, a model): same results with or without a GPU, never forced to
 # --smoke.  A suite listed here need not be registered yet.
-CPU_SUITES = ('static', 'traffic', 'memory', 'model')
+CPU_SUITES = ('static', 'traffic', 'memory', 'model', 'fcmae_model')
 
 
 def parse_args(argv=None):
