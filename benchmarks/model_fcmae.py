@@ -94,7 +94,8 @@ GATE_VS_EAGER, GATE_VS_COMPILE = 0.4, 0.6  # issue 11: sparse / dense-masked, fw
 EXT_FWD = ('sparse_dwconv_fwd', 'sparse_dwconv_tile_fwd')
 EXT_WGRAD = ('sparse_dwconv_bwd_weight', 'sparse_dwconv_tile_wgrad')
 COLUMNS = ['gpu', 'provider', 'phase', 'part', 'time_us', 'ratio_vs_eager',
-           'ratio_vs_compile', 'calls', 'hbm_MB', 'GFLOP', 'bound_share', 'top_ops']
+           'ratio_vs_compile', 'calls', 'hbm_MB', 'GFLOP', 'bound_share', 'class_share',
+           'top_ops']
 CPU_COLUMNS = ['arch', 'N', 'img', 'mode', 'provider', 'min_ms', 'median_ms',
                'speedup_vs_reference']
 
@@ -426,20 +427,22 @@ def op_time(rec: dict, gpu: dict, dw: Optional[Dict[tuple, dict]] = None) -> dic
             fma_flops=rec['flops'] if cls == 'conv' else 0.,
             fma_eff=gpu['conv_eff'], calls=1)
         t['calls'] = 1
-    t.update(op=rec['op'], cls=cls, hbm_B=hbm, flops=rec['flops'])
+    t.update(op=rec['op'] if cls != 'sparse_dwconv' else f"dwconv_{kind}[{t['path']}]",
+             cls=cls, hbm_B=hbm, flops=rec['flops'])
     return t
 
 
 def totals(timed: List[dict]) -> dict:
     """Sums of timed records: time, calls, bytes, FLOPs, time per bound and per op."""
     s = dict(time_us=0., calls=0, hbm_B=0., flops=0., by_bound=defaultdict(float),
-             by_op=defaultdict(float))
+             by_op=defaultdict(float), by_cls=defaultdict(float))
     for t in timed:
         s['time_us'] += t['time_us']
         s['calls'] += t['calls']
         s['hbm_B'] += t['hbm_B']
         s['flops'] += t['flops']
         s['by_bound'][t['bound']] += t['time_us']
+        s['by_cls'][t['cls']] += t['time_us']
         s['by_op'][t['op'] if t['cls'] != 'fused' else 'fused'] += t['time_us']
     return s
 
@@ -448,7 +451,7 @@ def _diff(a: dict, b: Optional[dict]) -> dict:
     if b is None:
         return a
     d = {k: a[k] - b[k] for k in ('time_us', 'calls', 'hbm_B', 'flops')}
-    for k in ('by_bound', 'by_op'):
+    for k in ('by_bound', 'by_op', 'by_cls'):
         d[k] = {n: a[k].get(n, 0.) - b[k].get(n, 0.)
                 for n in set(a[k]) | set(b[k])}
     return d
@@ -534,7 +537,7 @@ def model(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
 
 def _add(a, b):
     d = {k: a[k] + b[k] for k in ('time_us', 'calls', 'hbm_B', 'flops')}
-    for k in ('by_bound', 'by_op'):
+    for k in ('by_bound', 'by_op', 'by_cls'):
         d[k] = {n: a[k].get(n, 0.) + b[k].get(n, 0.) for n in set(a[k]) | set(b[k])}
     return d
 
@@ -548,6 +551,7 @@ def _row(gname, prov, phase, part, d, N, size, mask_ratio, vis) -> dict:
                 dtype='bf16-autocast', time_us=d['time_us'], calls=d['calls'],
                 hbm_MB=d['hbm_B'] / 1e6, GFLOP=d['flops'] / 1e9,
                 bound_share=_shares(d['by_bound'], d['time_us']),
+                class_share=_shares(d['by_cls'], d['time_us']),
                 top_ops=_shares(d['by_op'], d['time_us'], 6), note=note)
 
 
@@ -590,7 +594,7 @@ def gate(rows: List[dict]) -> tuple:
 CPU_DEPTHS = (1, 1, 3, 1)
 
 
-def cpu_measurement(N: int = 2, size: int = 224, depths=CPU_DEPTHS, iters: int = 3,
+def cpu_measurement(N: int = 2, size: int = 224, depths=CPU_DEPTHS, iters: int = 5,
                     progress=None) -> List[dict]:
     """Sparse vs dense-masked eager fwd+bwd on this CPU (V2-B widths, reduced
     depths, fp32), through ``bench_fcmae.run``; a summary row with the ratio
@@ -625,7 +629,7 @@ def run_suite(smoke: bool, device: torch.device, providers=None, progress=None):
         if progress:
             progress(r)
     cpu = cpu_measurement(N=1 if smoke else 2, depths=(1, 1, 1, 1) if smoke else CPU_DEPTHS,
-                          iters=2 if smoke else 3)
+                          iters=2 if smoke else 5)
     for r in cpu:
         if progress:
             progress(r)
@@ -642,12 +646,16 @@ def summary_markdown(rows: List[dict]) -> str:
              f'dense_masked_compile: {COMPILE_NOTE}.', '',
              markdown_table(enc, ['gpu', 'provider', 'phase', 'time_us', 'ratio_vs_eager',
                                   'ratio_vs_compile', 'calls', 'hbm_MB', 'GFLOP',
-                                  'bound_share']), '',
+                                  'bound_share', 'class_share']), '',
              'Per stage (fwd+bwd; `layout`: the sparse step\'s layout build):', '',
              markdown_table([r for r in model_rows if r['phase'] == 'fwd+bwd'
                              and r['part'] != 'encoder'],
                             ['gpu', 'provider', 'part', 'time_us', 'ratio_vs_eager',
-                             'ratio_vs_compile', 'calls', 'bound_share', 'top_ops']), '']
+                             'ratio_vs_compile', 'calls', 'bound_share', 'class_share',
+                             'top_ops']), '',
+             'class_share: time by op class (gemm: mm/addmm and dense convs; sparse_dwconv: '
+             'the extension ops; conv: depthwise cuDNN; memory: elementwise/reduction/cast '
+             'aten ops, each its own kernel; fused: the compile rule\'s kernels).', '']
     ok, text = gate(model_rows) if model_rows else (False, 'no model rows')
     parts += [f'Issue 11 targets: {"MET" if ok else "NOT met"} -- {text}', '']
     cpu = [r for r in rows if r.get('kind') == 'cpu_measured']

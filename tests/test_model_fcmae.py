@@ -194,3 +194,15 @@ def test_issue11_encoder_gate(full_rows):
     ok, text = mf.gate(full_rows)
     print(text)
     assert ok, text
+
+
+def test_cpu_measurement_rows_small():
+    """The CPU measurement's path (bench_fcmae's sparse vs dense-masked eager,
+    V2-B widths) at 1 image of 64², one block a stage: measured rows, labelled."""
+    rows = mf.cpu_measurement(N=1, size=64, depths=(1, 1, 1, 1), iters=1)
+    summary = rows[-1]
+    assert summary['kind'] == 'cpu_measured' and 'measured' in summary['note']
+    assert summary['speedup_vs_eager'] == pytest.approx(
+        summary['eager_min_ms'] / summary['sparse_min_ms'])
+    assert {r['provider'] for r in rows[:-1]} == {'fast', 'reference'}
+    assert all(r['min_ms'] > 0 for r in rows[:-1])
