@@ -67,17 +67,24 @@ import dataclasses
 import os
 import sys
 from collections import defaultdict
+from contextlib import ExitStack, nullcontext
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from benchmarks import model_sparse_dwconv as msd
 from benchmarks import perf_model, shapes
-from benchmarks.traffic import _WRITE_ONLY, AtenTraffic, tensor_bytes
+from benchmarks.traffic import _WRITE_ONLY, AtenTraffic, cuda_autocast, tensor_bytes
+from convnextv2_fast.models.fcmae import random_patch_mask
+from convnextv2_fast.models.sparse_encoder import (SparseConvNeXtV2,
+                                                   dense_masked_encoder_forward)
+from convnextv2_fast.sparse._ops import sparse_ops
+from convnextv2_fast.sparse.dwconv import conv_tile
+from convnextv2_fast.sparse.layout import build_layouts, stage_visible_mask
 
 MODEL_NOTE = perf_model.MODEL_NOTE
 COMPILE_NOTE = ('model of a compiler, not torch.compile output: each maximal run of '
@@ -193,7 +200,6 @@ def warm_layouts(layouts) -> None:
     """Build every cached table the forward reads (on either device's path:
     ``neighbour_rows``, ``tile_halo_rows``, ``down_index``) so that no
     data-dependent op runs under fake tensors."""
-    from convnextv2_fast.sparse.dwconv import conv_tile
     for i, lay in enumerate(layouts):
         lay.site_long()
         lay.neighbour_rows()
@@ -207,8 +213,6 @@ def warm_layouts(layouts) -> None:
 
 def fcmae_layouts(N: int, size: int, mask_ratio: float, seed: int = 0):
     """(mask, stage layouts) of a real random FCMAE mask (seed ``seed``)."""
-    from convnextv2_fast.models.fcmae import random_patch_mask
-    from convnextv2_fast.sparse.layout import build_layouts
     g = torch.Generator().manual_seed(seed)
     grid = size // 32
     mask = random_patch_mask(N, grid, grid, mask_ratio, generator=g)
@@ -218,11 +222,11 @@ def fcmae_layouts(N: int, size: int, mask_ratio: float, seed: int = 0):
 
 
 def _encoder(depths, channels, fake_mode, device='cpu'):
-    from convnextv2_fast.models.sparse_encoder import SparseConvNeXtV2
     arch = dict(depths=list(depths), channels=list(channels))
     if fake_mode is None:
-        torch.manual_seed(0)
-        return SparseConvNeXtV2(arch=arch, init_cfg=None).to(device).train()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return SparseConvNeXtV2(arch=arch, init_cfg=None).to(device).train()
     with torch.device('meta'):
         enc = SparseConvNeXtV2(arch=arch, init_cfg=None)
     with fake_mode:
@@ -236,12 +240,6 @@ def count(provider: str, depths, channels, layouts, N: int, size: int,
     forward + backward under bf16 autocast with CUDA's policy (see the module
     docstring); ``fake=False`` computes for real (tests, tiny shapes);
     ``device='cuda'`` (fake only, forward only): CUDA's own autocast."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from benchmarks.traffic import cuda_autocast
-    from convnextv2_fast.models.sparse_encoder import dense_masked_encoder_forward
-    from convnextv2_fast.sparse._ops import sparse_ops
-    from convnextv2_fast.sparse.layout import stage_visible_mask
     sparse_ops()  # registers the fake impls of the extension ops
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     enc = _encoder(depths, channels, fm, device)
@@ -252,7 +250,6 @@ def count(provider: str, depths, channels, layouts, N: int, size: int,
     vis = [stage_visible_mask(lay, torch.float32) for lay in lays]
     keep_alive = []
     out = {}
-    from contextlib import ExitStack, nullcontext
     with ExitStack() as stack:
         stack.enter_context(fm if fm is not None else nullcontext())
         g = torch.Generator().manual_seed(1)
@@ -305,8 +302,6 @@ def count_layout_build(N: int, size: int, mask: torch.Tensor) -> List[dict]:
     """Records of what the sparse step does before its first GEMM on real
     tensors: ``SparseConvNeXtV2.layouts`` (mask check, the four stage layouts)
     and the tables the GPU forward reads (tiles 8/4, gathers, down indices)."""
-    from convnextv2_fast.models.sparse_encoder import SparseConvNeXtV2
-    from convnextv2_fast.sparse.dwconv import conv_tile
     with torch.device('meta'):
         enc = SparseConvNeXtV2(arch='base', init_cfg=None)
     x = torch.empty(1, 3, 1, 1).expand(N, 3, size, size)
@@ -394,7 +389,6 @@ def dwconv_hw(gpu: dict) -> dict:
 def dwconv_passes(layouts, gpu: dict, channels=shapes.V2B_CHANNELS,
                   dtype=torch.bfloat16) -> Dict[tuple, dict]:
     """{(rows M, pass): model_sparse_dwconv row} per stage, on the GPU's path."""
-    from convnextv2_fast.sparse.dwconv import conv_tile
     hw = dwconv_hw(gpu)
     out = {}
     for lay, C in zip(layouts, channels):

@@ -2,7 +2,6 @@
 and compile-fusion rule by hand, its fake-tensor counting against real
 counting and against CUDA's own autocast policy, and issue 11's gate."""
 import pytest
-import torch
 
 from benchmarks import model_fcmae as mf
 from benchmarks import perf_model
