@@ -57,7 +57,11 @@ blocks or its full depth): ``stem`` (stem GEMM + LN), ``s1`` (3 blocks),
 ``s2`` .. ``s4`` (downsample + blocks), plus ``layout`` for the sparse
 provider; the parts telescope to the full encoder.  Not modelled: host
 synchronisations (the layout build's ``nonzero``/``unique``/``item``), CPU
-launch overhead beyond the floor, multi-kernel aten ops (one kernel per op).
+launch overhead beyond the floor, multi-kernel aten ops (one kernel per op),
+copies made inside a library kernel (the dense-masked block's LayerNorm of a
+permuted NCHW map makes it contiguous inside the kernel: uncounted, which
+flatters the eager baseline).  The compile model is a lower bound for inductor
+(see above); the sparse / eager ratio is the robust one.
 
     python -m benchmarks.model_fcmae            # model + CPU measurement, writes results
     python -m benchmarks --suites fcmae_model   # the same rows as a suite
