@@ -3,8 +3,9 @@
 Providers (the suite's common names, :data:`benchmarks.common.PROVIDERS`):
 
 * ``fast``: :meth:`SparseConvNeXtV2.forward_sparse` — compact visible rows,
-  the compiled sparse depthwise-conv op (when built), layouts built inside the
-  timed step (they are part of the cost);
+  the compiled sparse depthwise-conv op (when built), on CUDA the fused block
+  tail (``mlp_impl='auto'``: :mod:`convnextv2_fast.sparse.mlp`), layouts built
+  inside the timed step (they are part of the cost);
 * ``reference``: the dense-masked encoder in eager PyTorch (the official JAX
   formulation: dense compute, mask re-applied), same weights;
 * ``compile``: the same dense-masked encoder under ``torch.compile``.

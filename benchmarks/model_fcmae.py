@@ -5,8 +5,12 @@ widths 128..1024, bf16 autocast as ``benchmarks/bench_fcmae.py`` runs it on a
 GPU) forward + backward, for three providers and a what-if:
 
 * ``sparse``: :meth:`SparseConvNeXtV2.forward_sparse` (visible rows; the
-  depthwise conv through the extension ops), the stage layouts built in the
-  step as the GPU benchmark does (part ``layout``);
+  depthwise conv through the extension ops) with ``mlp_impl='triton'``, what
+  it runs on a GPU: each block's tail after the LN on the dense fused block's
+  Triton ops (:mod:`convnextv2_fast.sparse.mlp`), the stage layouts built in
+  the step as the GPU benchmark does (part ``layout``);
+* ``sparse_torch``: the same with ``mlp_impl='torch'`` (the block tail as
+  separate aten ops: the path before the fused tail, and on CPU tensors);
 * ``dense_masked_eager``: :func:`dense_masked_encoder_forward` in eager
   PyTorch (the reference the tests and the benchmark compare against; its
   visible masks are built outside the step, as in the benchmark);
@@ -21,8 +25,9 @@ GPU) forward + backward, for three providers and a what-if:
   Optimistic for inductor (one kernel per run, no recompute trade-off, no
   GEMM epilogue fusion either way), so it makes the compile baseline fast;
 * ``sparse_fused`` (a what-if, no such code): the same fusion rule applied to
-  the sparse op list (the sparse dwconv ops are boundaries like GEMMs) -- what
-  fusing LN / GELU / GRN / casts / residual over the visible rows could buy.
+  the ``sparse_torch`` op list (the sparse dwconv ops are boundaries like
+  GEMMs) -- what fusing every LN / GELU / GRN / cast / residual chain over the
+  visible rows could buy at most.
 
 Counting: every aten op of the forward and the backward (gradient of the
 last stage's output, parameters require grad, the image does not) is counted
@@ -37,6 +42,20 @@ policy lacks: ``layer_norm`` in fp32, ``norm`` with an fp32 result); the test
 suite checks the forward op list equals the one under CUDA's own autocast on
 fake CUDA tensors (the backward cannot run there without a GPU), and that fake
 counting equals real counting at a tiny shape.
+
+Triton kernels (the ``sparse`` provider's fused tail) cannot run on fake
+tensors; while :func:`triton_launches_counted` is active a launch does not
+run and is recorded instead, by a formula (:meth:`OpCounter.triton_launch`):
+one kernel that reads each of its tensor arguments that existed before the
+launch once and writes each freshly allocated, not yet written one (its
+outputs and per-tile partials) once -- each storage once, by the bytes of
+the view passed -- at the GPU's launch configuration
+(``CONVNEXTV2_FAST_GPU_CONFIG=1``: the partials' tile counts).  The tests
+check the formula by hand and against the interpreter's recorded footprint
+(:class:`benchmarks.traffic.TritonTraffic` ``hbm_B``) at a small shape.  The
+CPU has no fp32-output half GEMM, so the fused tail's pw1 weight gradient is
+counted as a bf16 GEMM + cast where CUDA writes fp32 directly (one [4C, C]
+cast per block, ~1% of the sparse time).
 
 Time per op (:func:`op_time`), perf_model's rule and constants
 (:func:`benchmarks.perf_model.kernel_time`, ``H100``/``H200``): the largest
@@ -71,8 +90,9 @@ import dataclasses
 import os
 import sys
 from collections import defaultdict
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Dict, List, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +104,7 @@ from benchmarks import model_sparse_dwconv as msd
 from benchmarks import perf_model, shapes
 from benchmarks.traffic import _WRITE_ONLY, AtenTraffic, cuda_autocast, tensor_bytes
 from convnextv2_fast.models.fcmae import random_patch_mask
+from convnextv2_fast.models import sparse_encoder
 from convnextv2_fast.models.sparse_encoder import (SparseConvNeXtV2,
                                                    dense_masked_encoder_forward)
 from convnextv2_fast.sparse._ops import sparse_ops
@@ -97,9 +118,13 @@ COMPILE_NOTE = ('model of a compiler, not torch.compile output: each maximal run
 FUSED_NOTE = ('what-if, not code that exists: the sparse op list with the same fusion rule '
               '(LN/GELU/GRN/casts/residual over visible rows fused between the GEMMs and '
               'the sparse dwconv ops) -- what fusing them could buy at most')
+TRITON_NOTE = ('fused block tail (Triton kernels counted by formula: tensor arguments that '
+               'existed before the launch read once, fresh outputs/partials written once)')
 CPU_NOTE = ('measured on this CPU (fp32, the two providers alternated, min of runs), '
             'not a GPU measurement')
-PROVIDERS = ('sparse', 'dense_masked_eager', 'dense_masked_compile', 'sparse_fused')
+PROVIDERS = ('sparse', 'sparse_torch', 'dense_masked_eager', 'dense_masked_compile',
+             'sparse_fused')
+MLP_IMPL = {'sparse': 'triton', 'sparse_torch': 'torch'}  # counted provider -> mlp_impl
 PARTS = ('layout', 'stem', 's1', 's2', 's3', 's4')
 PHASES = ('fwd', 'bwd', 'fwd+bwd')
 GATE_VS_EAGER, GATE_VS_COMPILE = 0.4, 0.6  # issue 11: sparse / dense-masked, fwd+bwd
@@ -160,11 +185,24 @@ class OpCounter(AtenTraffic):
     def __init__(self, phase: str, keep_alive: list):
         super().__init__()
         self.phase, self.keep_alive = phase, keep_alive
+        self.fresh = set()  # storages allocated and not yet written
+
+    def __enter__(self):
+        _COUNTERS.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _COUNTERS.remove(self)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         n = len(self.records)
         out = super().__torch_dispatch__(func, types, args, kwargs)
         if len(self.records) == n:
+            if func.overloadpacket.__name__ in _ALLOC:
+                for t in (t for t in tree_flatten(out)[0] if torch.is_tensor(t)):
+                    self.keep_alive.append(t)
+                    self.fresh.add(_storage(t))
             return out
         kwargs = kwargs or {}
         rec = self.records[-1]
@@ -193,12 +231,66 @@ class OpCounter(AtenTraffic):
                 writes.append((_storage(t), (_storage(t), t.storage_offset(), tuple(t.shape),
                                              t.stride()), tensor_bytes(t)))
         first = next((t for t in tree_flatten(args)[0] if torch.is_tensor(t)), None)
+        self.fresh -= {s for s, _, _ in writes}
         rec.update(phase=self.phase, reads=reads, writes=writes,
                    shape0=tuple(first.shape) if first is not None else (),
                    dtype0=first.dtype if first is not None else None)
         if rec['op'] in ('convolution', 'convolution_backward'):
             rec['groups'] = args[8] if rec['op'] == 'convolution' else args[9]
         return out
+
+    def triton_launch(self, name: str, args, kwargs) -> dict:
+        """Record one Triton kernel launch by the formula of the module
+        docstring: each tensor argument's storage once, written if it was
+        allocated and not yet written (an output or partial), else read."""
+        reads, writes = {}, {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)]
+        for t in tensors:
+            self.keep_alive.append(t)
+            s = _storage(t)
+            item = (s, (s, t.storage_offset(), tuple(t.shape), t.stride()), tensor_bytes(t))
+            (writes if s in self.fresh else reads).setdefault(s, item)
+        self.fresh -= set(writes)
+        in_b = sum(b for _, _, b in reads.values())
+        out_b = sum(b for _, _, b in writes.values())
+        rec = dict(op=f'triton:{name}', in_B=in_b, out_B=out_b, flops=0, l2_B=in_b + out_b,
+                   phase=self.phase, reads=list(reads.values()), writes=list(writes.values()),
+                   shape0=tuple(tensors[0].shape) if tensors else (),
+                   dtype0=tensors[0].dtype if tensors else None)
+        self.records.append(rec)
+        return rec
+
+
+_COUNTERS: List[OpCounter] = []  # the active counters, innermost last
+_ALLOC = ('empty', 'empty_like', 'empty_strided', 'new_empty')
+
+
+@contextmanager
+def triton_launches_counted():
+    """While active, a Triton kernel launch (compiled or interpreted) does
+    not run: the innermost active :class:`OpCounter` records it
+    (:meth:`OpCounter.triton_launch`); launch configurations are the GPU's
+    (``CONVNEXTV2_FAST_GPU_CONFIG=1``), and the sparse encoder's ``mlp_impl``
+    resolves as for CUDA tensors (the counted tensors are CPU stand-ins)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not _COUNTERS:
+            raise RuntimeError('a Triton launch outside an OpCounter while counting')
+        _COUNTERS[-1].triton_launch(getattr(self, 'fn', self).__name__, args, kwargs)
+
+    resolve_mlp_impl = sparse_encoder.resolve_mlp_impl
+
+    def resolve(impl, device):
+        return resolve_mlp_impl(impl, torch.device('cuda'))
+
+    with ExitStack() as stack:
+        for cls in (JITFunction, InterpretedFunction):
+            stack.enter_context(mock.patch.object(cls, 'run', run))
+        stack.enter_context(mock.patch.dict(os.environ, {'CONVNEXTV2_FAST_GPU_CONFIG': '1'}))
+        stack.enter_context(mock.patch.object(sparse_encoder, 'resolve_mlp_impl', resolve))
+        yield
 
 
 def warm_layouts(layouts) -> None:
@@ -243,11 +335,15 @@ def count(provider: str, depths, channels, layouts, N: int, size: int,
     """``{'fwd': records, 'bwd': records, 'keep': storages}`` of one encoder
     (``depths``/``channels``: a prefix of V2-B's, ``layouts`` its stages')
     forward + backward under bf16 autocast with CUDA's policy (see the module
-    docstring); ``fake=False`` computes for real (tests, tiny shapes);
+    docstring); ``provider``: ``'sparse'`` (fused block tail, its Triton
+    launches counted, not run: :func:`triton_launches_counted`),
+    ``'sparse_torch'`` or ``'dense'``; ``fake=False`` computes for real
+    (tests, tiny shapes; the Triton launches are counted, not run, there too);
     ``device='cuda'`` (fake only, forward only): CUDA's own autocast."""
     sparse_ops()  # registers the fake impls of the extension ops
     fm = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
     enc = _encoder(depths, channels, fm, device)
+    enc.mlp_impl = MLP_IMPL.get(provider, 'torch')
     k = len(depths)
     lays = layouts[:k]
     if device != 'cpu':
@@ -257,6 +353,8 @@ def count(provider: str, depths, channels, layouts, N: int, size: int,
     out = {}
     with ExitStack() as stack:
         stack.enter_context(fm if fm is not None else nullcontext())
+        if provider == 'sparse':
+            stack.enter_context(triton_launches_counted())
         g = torch.Generator().manual_seed(1)
         x = torch.empty(N, 3, size, size, device=device) if fake else torch.randn(
             N, 3, size, size, generator=g)
@@ -267,7 +365,7 @@ def count(provider: str, depths, channels, layouts, N: int, size: int,
                 amp_ctx.enter_context(torch.autocast('cpu', dtype=amp))
                 amp_ctx.enter_context(CudaAutocastPolicy())
             with OpCounter('fwd', keep_alive) as fwd:
-                if provider == 'sparse':
+                if provider in MLP_IMPL:
                     y = enc.forward_sparse(x, None, lays)[0][-1]
                 else:
                     y = dense_masked_encoder_forward(enc, x, vis)[-1]
@@ -323,13 +421,16 @@ def count_layout_build(N: int, size: int, mask: torch.Tensor) -> List[dict]:
 # the compile model
 # --------------------------------------------------------------------------
 def op_class(rec: dict) -> str:
-    """'sparse_dwconv' | 'gemm' | 'conv' | 'memory' | 'fused' (see the module
-    docstring: dense convolutions with groups = 1 are GEMMs)."""
+    """'sparse_dwconv' | 'gemm' | 'conv' | 'memory' | 'fused' | 'triton' (see
+    the module docstring: dense convolutions with groups = 1 are GEMMs;
+    'triton': a fused-tail kernel, timed like a memory op by its bytes)."""
     op = rec['op']
     if op in EXT_FWD + EXT_WGRAD:
         return 'sparse_dwconv'
     if op.startswith('fused'):
         return 'fused'
+    if op.startswith('triton:'):
+        return 'triton'
     cls = perf_model._aten_class(op)
     if cls == 'conv' and rec.get('groups') == 1:
         return 'gemm'
@@ -478,18 +579,20 @@ def _prefixes(depths, parts: bool = True):
 
 def provider_counts(layouts, N: int, size: int, depths, channels, parts: bool = True,
                     progress=None) -> Dict[str, Dict[str, dict]]:
-    """{provider: {prefix name: counts}}: the sparse and the dense-masked
-    encoders counted once per prefix; the compile model and the sparse what-if
-    are :func:`fuse_chains` of them."""
+    """{provider: {prefix name: counts}}: the sparse (fused tail), sparse
+    torch and dense-masked encoders counted once per prefix; the compile model
+    and the sparse what-if are :func:`fuse_chains` of the last two."""
     out = {p: {} for p in PROVIDERS}
     for name, d in _prefixes(depths, parts):
-        for base, eager, fused in (('sparse', 'sparse', 'sparse_fused'),
+        for base, eager, fused in (('sparse', 'sparse', None),
+                                   ('sparse_torch', 'sparse_torch', 'sparse_fused'),
                                    ('dense', 'dense_masked_eager', 'dense_masked_compile')):
             c = count(base, d, channels[:len(d)], layouts, N, size)
             out[eager][name] = c
-            f = dict(c)
-            f['fwd'], f['bwd'] = fuse_chains(c['fwd'], c['bwd'], c['keep'])
-            out[fused][name] = f
+            if fused:
+                f = dict(c)
+                f['fwd'], f['bwd'] = fuse_chains(c['fwd'], c['bwd'], c['keep'])
+                out[fused][name] = f
             if progress:
                 progress(f'{base} {name} {d}')
     return out
@@ -543,7 +646,8 @@ def _add(a, b):
 
 def _row(gname, prov, phase, part, d, N, size, mask_ratio, vis) -> dict:
     note = MODEL_NOTE + ('; ' + COMPILE_NOTE if prov == 'dense_masked_compile' else '') + (
-        '; ' + FUSED_NOTE if prov == 'sparse_fused' else '')
+        '; ' + FUSED_NOTE if prov == 'sparse_fused' else '') + (
+        '; ' + TRITON_NOTE if prov == 'sparse' else '')
     return dict(suite='fcmae_model', bench='fcmae_model', kind='model',
                 gpu=perf_model.GPUS[gname]['name'], provider=prov, phase=phase, part=part,
                 arch='V2-B', N=N, img=size, mask_ratio=mask_ratio, visible_fraction=vis,
@@ -640,7 +744,7 @@ def cpu_measurement(N: int = 2, size: int = 224, depths=CPU_DEPTHS, iters: int =
 # suite entry, markdown, CLI
 # --------------------------------------------------------------------------
 def run_suite(smoke: bool, device: torch.device, providers=None, progress=None):
-    """All three providers always (the ratios need them); ``smoke``: 8 images
+    """All providers always (the ratios need them); ``smoke``: 8 images
     and a 1-image CPU measurement at depths 1/1/1/1."""
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
@@ -675,7 +779,8 @@ def summary_markdown(rows: List[dict]) -> str:
                              'top_ops']), '',
              'class_share: time by op class (gemm: mm/addmm and dense convs; sparse_dwconv: '
              'the extension ops; conv: depthwise cuDNN; memory: elementwise/reduction/cast '
-             'aten ops, each its own kernel; fused: the compile rule\'s kernels).', '']
+             'aten ops, each its own kernel; fused: the compile rule\'s kernels; triton: the '
+             'sparse provider\'s fused block-tail kernels, counted by formula).', '']
     ok, text = gate(model_rows) if model_rows else (False, 'no model rows')
     parts += [f'Issue 11 targets: {"MET" if ok else "NOT met"} -- {text}', '']
     cpu = [r for r in rows if r.get('kind') == 'cpu_measured']

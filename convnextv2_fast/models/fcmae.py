@@ -105,7 +105,8 @@ class FCMAE(BaseModel):
 
     Args:
         backbone (dict | nn.Module): the sparse encoder config
-            (``SparseConvNeXtV2`` kwargs, ``type`` optional) or module.
+            (``SparseConvNeXtV2`` kwargs such as ``dwconv_impl`` and
+            ``mlp_impl``, ``type`` optional) or module.
         decoder (dict): :class:`FCMAEDecoder` kwargs (``in_channels`` and
             ``patch_size`` are filled in from the encoder).
         mask_ratio (float): 0.6.  norm_pix_loss (bool): True.

@@ -12,7 +12,10 @@ Forward (official FCMAE semantics, mask 1 = removed patch):
 * stem: the 4x4/s4 conv as a GEMM on the visible 4x4 pixel patches, then LN;
 * blocks: submanifold depthwise 7x7 (``sparse_dwconv7x7``), LN, Linear, GELU,
   GRN per sample over visible rows (:func:`sparse_grn`), Linear, drop path per
-  sample, residual — all on compact rows ``[M, C]``;
+  sample, residual — all on compact rows ``[M, C]``; with ``mlp_impl``
+  resolving to ``'triton'`` and equal visible counts per sample, everything
+  after the LN runs on the dense fused block's ops over the (N, p, C) view of
+  the rows (:mod:`convnextv2_fast.sparse.mlp`);
 * downsample: LN on rows, then the 2x2/s2 conv as a GEMM on the gathered fully
   visible 2x2 blocks.
 
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule, ModuleList, Sequential
 
 from .._errors import ArgumentError
+from ..impl import resolve_impl
 from ..ops.reference import drop_path_mask, grn_ref
 from ..sparse.dwconv import sparse_dwconv7x7
 from ..sparse.grn import sparse_grn
@@ -43,8 +47,14 @@ class SparseConvNeXtV2(BaseModule):
     mask patch (32 = the total stride of a 4-stage net).
 
     ``dwconv_impl``: ``'auto'`` | ``'ext'`` | ``'torch'`` (see
-    :func:`sparse_dwconv7x7`).  ``out_indices``: stages returned by
-    :meth:`forward` (default: the last).
+    :func:`sparse_dwconv7x7`).  ``mlp_impl``: ``'auto'`` | ``'triton'`` |
+    ``'torch'``, the block's tail after the LN (pw1, GELU, GRN, pw2, layer
+    scale, drop path, residual): ``'triton'`` runs the dense fused block's
+    ops on the (N, p, C) view of the rows (:mod:`convnextv2_fast.sparse.mlp`)
+    at stages where every sample has the same number p of visible rows
+    (always, with FCMAE's fixed ``len_keep``), the torch code elsewhere;
+    resolved per call by :func:`resolve_mlp_impl`.  ``out_indices``: stages
+    returned by :meth:`forward` (default: the last).
     """
 
     def __init__(self,
@@ -54,6 +64,7 @@ class SparseConvNeXtV2(BaseModule):
                  drop_path_rate=0.,
                  out_indices=(-1, ),
                  dwconv_impl='auto',
+                 mlp_impl='auto',
                  init_cfg=copy.deepcopy(DEFAULT_INIT_CFG)):
         super().__init__(init_cfg=init_cfg)
         arch = resolve_arch(arch)
@@ -68,6 +79,7 @@ class SparseConvNeXtV2(BaseModule):
         self.patch_size = patch_size
         self.out_indices = [i % self.num_stages for i in out_indices]
         self.dwconv_impl = dwconv_impl
+        self.mlp_impl = check_mlp_impl(mlp_impl)
         norm_cfg = dict(type='LN2d', eps=1e-6)
         dpr = drop_path_rates(drop_path_rate, self.depths)
         self.downsample_layers = ModuleList()
@@ -137,6 +149,8 @@ class SparseConvNeXtV2(BaseModule):
         y = sparse_dwconv7x7(rows, blk.depthwise_conv.weight, blk.depthwise_conv.bias,
                              layout, impl=self.dwconv_impl)
         y = F.layer_norm(y, (y.shape[1], ), blk.norm.weight, blk.norm.bias, blk.norm.eps)
+        if layout.equal_counts and resolve_mlp_impl(self.mlp_impl, rows.device) == 'triton':
+            return self._mlp_fused(blk, rows, y, layout)
         y = blk.pointwise_conv1(y)
         y = blk.act(y)
         y = sparse_grn(y, blk.grn.gamma, blk.grn.beta, layout, blk.grn.eps)
@@ -150,12 +164,53 @@ class SparseConvNeXtV2(BaseModule):
             y = y.div(keep) * sample_keep.index_select(0, layout.sample)[:, None]
         return rows + y
 
+    def _mlp_fused(self, blk: ConvNeXtV2Block, rows: torch.Tensor, z: torch.Tensor,
+                   layout: StageLayout) -> torch.Tensor:
+        """The torch tail of :meth:`_block` after the LN, on the fused ops
+        (:func:`convnextv2_fast.sparse.mlp.sparse_mlp`).  The drop-path draw
+        is the torch path's (one ``torch.rand`` of N values in the dtype of
+        its branch output), so both paths keep the same samples."""
+        from ..ops.fused_block import compute_dtype_for
+        from ..sparse.mlp import sparse_mlp
+        n, c = layout.counts.numel(), rows.shape[1]
+        r = torch.ones((n, c), device=rows.device, dtype=torch.float32)
+        if blk.gamma is not None:
+            r = r * blk.gamma.float()[None, :]
+        if self.training and blk.drop_prob > 0:
+            cd = compute_dtype_for(rows)
+            ydtype = cd if blk.gamma is None else torch.promote_types(cd, blk.gamma.dtype)
+            sample_keep = drop_path_mask(rows.new_empty((n, 1), dtype=ydtype),
+                                         blk.drop_prob)
+            r = r * (sample_keep.float() / (1 - blk.drop_prob))
+        return sparse_mlp(z, rows, blk.pointwise_conv1.weight, blk.pointwise_conv1.bias,
+                          blk.grn.gamma, blk.grn.beta, blk.pointwise_conv2.weight,
+                          blk.pointwise_conv2.bias, r, n, blk.grn.eps)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, ...]:
         """Dense (N, C, H, W) maps of ``out_indices`` stages, zero at masked sites.
         ``mask``: (N, L) or (N, h, w), 1 = removed; None = all visible."""
         rows, layouts = self.forward_sparse(x, mask)
         return tuple(densify(rows[i], layouts[i]) for i in self.out_indices)
+
+
+MLP_IMPLS = ('auto', 'triton', 'torch')
+
+
+def check_mlp_impl(impl) -> str:
+    if not isinstance(impl, str) or impl not in MLP_IMPLS:
+        raise ArgumentError(f'mlp_impl must be one of {MLP_IMPLS}, got {impl!r}.')
+    return impl
+
+
+def resolve_mlp_impl(impl: str, device: torch.device) -> str:
+    """'triton' or 'torch' for rows on ``device``, by the dense block's rule
+    (:func:`convnextv2_fast.impl.resolve_impl`, 'torch' standing for its
+    'reference'): 'auto' = the fused ops for CUDA tensors when they import,
+    PyTorch otherwise; 'triton' raises where it cannot run (CPU tensors need
+    ``TRITON_INTERPRET=1``); ``CONVNEXTV2_FAST_IMPL`` overrides all three."""
+    got = resolve_impl('reference' if check_mlp_impl(impl) == 'torch' else impl, device)
+    return 'triton' if got == 'triton' else 'torch'
 
 
 # -- reference -----------------------------------------------------------------
