@@ -24,7 +24,8 @@ from convnextv2_fast.sparse.dwconv import TILES
 from convnextv2_fast.testing import assert_close_to_ref
 
 from test_sparse_dwconv import _inputs, _run, _tile_layout, needs_ext
-from test_sparse_dwconv_tiles import DTYPES, _fcmae_edge_layout, _layouts
+from test_sparse_dwconv_tiles import (DTYPES, _fcmae_edge_layout, _layouts,
+                                      check_vs_dense_masked, cuda_tile_cases)
 
 # Tiles per weight-gradient chunk and tiles processed at a time (TileGeom<TS>::
 # kWgradTiles / kWgradSlots in sparse_dwconv_math.h, as the model reads them;
@@ -128,16 +129,7 @@ def test_autograd_weight_grad_on_the_tile_path_matches_dense_masked(name, dtype)
     gw, gb = _wgrad(go.to(dtype), f.to(dtype), layout, tile)
     assert torch.equal(cand[2].reshape(12, 49), gw.t().to(dtype))
     assert torch.equal(cand[3], gb.to(dtype))
-    ref = (lambda f_, w_, b_: sparse_dwconv7x7_dense_masked_ref(f_, w_, b_, layout))
-    same = _run(ref, f, w, b, go, dtype)
-    hi = _run(ref, f, w, b, go, torch.float64)
-    for what, x, y, z in zip(('out', 'grad_input', 'grad_weight', 'grad_bias'), cand, same,
-                             hi):
-        assert x.dtype == dtype
-        if dtype == torch.float64:
-            torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
-        else:
-            assert_close_to_ref(f'tile{tile}/{name}/{what}', x, y, z, dtype=dtype)
+    check_vs_dense_masked(cand, f, w, b, go, dtype, layout, f'tile{tile}/{name}')
 
 
 @needs_ext
@@ -238,10 +230,7 @@ def test_tile_wgrad_opcheck_and_compile():
 
 
 # -- GPU (skipped on CPU machines) ---------------------------------------------------
-@pytest.mark.gpu
-@needs_ext
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize('c', [45, 6, 12, 128])
+@cuda_tile_cases
 def test_cuda_tile_wgrad(dtype, c):
     """CUDA tile wgrad (staging vector widths: C = 45, 6 -> 1 channel a lane,
     12 (fp32) / 128 -> 16-byte loads; partial channel chunks at 45 and 6) vs

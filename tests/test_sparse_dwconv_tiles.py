@@ -136,6 +136,13 @@ def _compare_tiles(layout, dtype, c, tile):
                     f, w, b, go, dtype)
     finally:
         dw.conv_tile = orig
+    check_vs_dense_masked(cand, f, w, b, go, dtype, layout, f'tile{tile}')
+
+
+def check_vs_dense_masked(cand, f, w, b, go, dtype, layout, tag):
+    """``cand`` = (out, grad_input, grad_weight, grad_bias) of the sparse
+    conv against the dense-masked reference: fp64 to 1e-12, else the 2x
+    same-dtype rule."""
     ref = (lambda f_, w_, b_: sparse_dwconv7x7_dense_masked_ref(f_, w_, b_, layout))
     same = _run(ref, f, w, b, go, dtype)
     hi = _run(ref, f, w, b, go, torch.float64)
@@ -145,7 +152,7 @@ def _compare_tiles(layout, dtype, c, tile):
         if dtype == torch.float64:
             torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-12)
         else:
-            assert_close_to_ref(f'tile{tile}/{name}', x, y, z, dtype=dtype)
+            assert_close_to_ref(f'{tag}/{name}', x, y, z, dtype=dtype)
 
 
 @needs_ext
@@ -233,10 +240,18 @@ def test_tile_op_opcheck_and_compile():
 
 
 # -- GPU (skipped on CPU machines) ---------------------------------------------------
-@pytest.mark.gpu
-@needs_ext
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize('c', [45, 6, 12, 128])
+def cuda_tile_cases(fn):
+    """The GPU tile tests' cases: every dtype; C = 45 and 6 (one channel a
+    lane / partial channel chunks), 12 and 128 (16-byte loads)."""
+    for mark in (pytest.mark.parametrize('c', [45, 6, 12, 128]),
+                 pytest.mark.parametrize('dtype', [torch.float32, torch.float16,
+                                                   torch.bfloat16]),
+                 needs_ext, pytest.mark.gpu):
+        fn = mark(fn)
+    return fn
+
+
+@cuda_tile_cases
 def test_cuda_tile_kernel(dtype, c):
     """CUDA tile kernel (every vector width: C = 45 -> V 1, 6 -> 2, 12/128 -> 4
     for fp16; partial channel chunks at 45 and 6) vs the C++ twin (2x rule

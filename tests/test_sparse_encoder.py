@@ -19,10 +19,10 @@ IMPLS = [pytest.param('ext', marks=pytest.mark.skipif(
 ARCH = dict(depths=[2, 1, 2, 1], channels=[16, 24, 32, 40])
 
 
-def _encoder(impl='torch', seed=0, arch=ARCH):
-    torch.manual_seed(seed)
-    enc = SparseConvNeXtV2(arch=arch, dwconv_impl=impl, out_indices=(0, 1, 2, 3))
-    with torch.no_grad():  # non-trivial everything (GRN is the identity at init)
+def randomize_(enc):
+    """Non-trivial values for every parameter of ``enc`` (GRN is the
+    identity at init), in place, from torch's global RNG."""
+    with torch.no_grad():
         for name, p in enc.named_parameters():
             if name.endswith('grn.gamma') or name.endswith('grn.beta'):
                 p.normal_(0, 0.5)
@@ -30,7 +30,13 @@ def _encoder(impl='torch', seed=0, arch=ARCH):
                 p.add_(torch.randn_like(p) * 0.1)
             else:
                 p.normal_(0, 0.3 / p[0].numel()**0.5)
-    return enc.eval()
+    return enc
+
+
+def _encoder(impl='torch', seed=0, arch=ARCH):
+    torch.manual_seed(seed)
+    enc = SparseConvNeXtV2(arch=arch, dwconv_impl=impl, out_indices=(0, 1, 2, 3))
+    return randomize_(enc).eval()
 
 
 def _mask(n=2, gh=3, gw=2, seed=1):

@@ -15,6 +15,8 @@ from convnextv2_fast.models.sparse_encoder import (SparseConvNeXtV2,
                                                    dense_masked_encoder_ref)
 from convnextv2_fast.testing import assert_close_to_ref
 
+from test_sparse_encoder import randomize_
+
 ARCH = dict(depths=[2, 1], channels=[8, 16])   # patch 8 = the total stride
 ARCH_GPU = dict(depths=[2, 1, 2, 1], channels=[32, 64, 96, 128])
 
@@ -24,14 +26,8 @@ def _encoder(arch=ARCH, patch=8, layer_scale=False, drop_path_rate=0., seed=0):
     enc = SparseConvNeXtV2(arch=arch, patch_size=patch, drop_path_rate=drop_path_rate,
                            out_indices=tuple(range(len(arch['depths']))),
                            dwconv_impl='torch', mlp_impl='torch')
-    with torch.no_grad():  # non-trivial everything (GRN is the identity at init)
-        for name, p in enc.named_parameters():
-            if name.endswith('grn.gamma') or name.endswith('grn.beta'):
-                p.normal_(0, 0.5)
-            elif p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-            else:
-                p.normal_(0, 0.3 / p[0].numel()**0.5)
+    randomize_(enc)
+    with torch.no_grad():
         if layer_scale:
             for stage in enc.stages:
                 for blk in stage:
