@@ -129,13 +129,32 @@ def results_path(device: torch.device, date: Optional[str] = None) -> str:
     return os.path.join(RESULTS_DIR, f'{slug}-{date}.json')
 
 
+def _run_suites(run: dict) -> set:
+    return {r.get('suite') or r.get('bench') for r in run.get('rows', [])}
+
+
+def drop_superseded(runs: List[dict], meta: dict, suites) -> List[dict]:
+    """``runs`` less those a new run (``meta``) replaces: same device and
+    smoke flag, and every suite they hold is among ``suites`` (complete in
+    the new run).  A results file then keeps the newest run of each suite
+    per device (older ones stay in git history) instead of growing by every
+    rerun; runs of other devices (H100 next to H200) are kept."""
+    key = (meta.get('device'), bool(meta.get('smoke')))
+    suites = set(suites)
+    return [r for r in runs
+            if (r['meta'].get('device'), bool(r['meta'].get('smoke'))) != key
+            or not _run_suites(r) or not _run_suites(r) <= suites]
+
+
 def append_results(path: str, meta: dict, rows: List[dict]) -> str:
-    """Append one run (metadata + rows) to the JSON results file."""
+    """Append one run (metadata + rows) to the JSON results file, dropping
+    the runs it supersedes (:func:`drop_superseded`)."""
     runs = []
     if os.path.exists(path):
         with open(path) as f:
             runs = json.load(f)
-    runs.append(dict(meta=meta, rows=rows))
+    new = dict(meta=meta, rows=rows)
+    runs = drop_superseded(runs, meta, _run_suites(new)) + [new]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w') as f:
         json.dump(runs, f, indent=1)
@@ -154,11 +173,16 @@ class PartialResults:
         self.path, self.meta = path, meta
         self.previous = load_runs(path) if os.path.exists(path) else []
 
-    def __call__(self, rows: List[dict], tables: Sequence[str]) -> None:
+    def __call__(self, rows: List[dict], tables: Sequence[str],
+                 complete=()) -> None:
+        """``complete``: the suites whose rows are all in ``rows`` (earlier
+        runs of only those are dropped: a run cut short never loses an older
+        run of the suite it was in)."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         tmp = self.path + '.tmp'
+        runs = drop_superseded(self.previous, self.meta, complete)
         with open(tmp, 'w') as f:
-            json.dump(self.previous + [dict(meta=self.meta, rows=rows)], f,
+            json.dump(runs + [dict(meta=self.meta, rows=rows)], f,
                       indent=1, default=str)
         os.replace(tmp, self.path)
         with open(os.path.splitext(self.path)[0] + '.md', 'w') as f:

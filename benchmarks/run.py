@@ -89,7 +89,7 @@ def main(argv=None):
     meta.update(smoke=smoke, providers=providers, argv=sys.argv[1:])
     print(f"device: {meta['device']}  torch {meta['torch']}  triton "
           f"{meta['triton']}  smoke={smoke}")
-    all_rows, tables = [], []
+    all_rows, tables, complete = [], [], []
     path = args.out or common.results_path(device)
     # results survive a timeout: the JSON (earlier runs + this one) and the
     # markdown are rewritten after every row and every suite
@@ -102,7 +102,7 @@ def main(argv=None):
         def row_done(r, name=name, module=module, done=done, bar=bar):
             done.append(r)
             save(all_rows + done, tables + [common.suite_table(
-                name, done, module.COLUMNS) + ' (partial)'])
+                name, done, module.COLUMNS) + ' (partial)'], complete)
             if bar is not None:
                 bar.update(1)
 
@@ -116,7 +116,8 @@ def main(argv=None):
             table = (f'### {name}\n\n' + module.summary_markdown(rows) +
                      '\n\n' + table[len(f'### {name}') + 2:])
         tables.append(table)
-        save(all_rows, tables)
+        complete.append(name)
+        save(all_rows, tables, complete)
     header = (f"Device: {meta['device']} | torch {meta['torch']} | triton "
               f"{meta['triton']} | commit {meta['commit']} | "
               f"{meta['timestamp']}")

@@ -183,3 +183,31 @@ def test_results_survive_a_run_cut_short(tmp_path, monkeypatch):
     assert runs[1]['rows'] == [dict(case='first', median_ms=1.5)]
     md = (tmp_path / 'r.md').read_text()
     assert '| first | 1.5 |' in md and '(partial)' in md
+
+
+def test_a_rerun_replaces_its_older_runs_only(tmp_path):
+    """A results file keeps the newest run of each suite per device and
+    smoke flag (older runs live in git history): a rerun of the same suites
+    drops them; runs holding another suite, another device or the smoke
+    flag stay; a run cut short drops only the suites it completed."""
+    from benchmarks import common
+    path = str(tmp_path / 'r.json')
+    cpu, h200 = dict(device='cpu', smoke=False), dict(device='H200', smoke=False)
+    common.append_results(path, dict(cpu, n=1), [dict(suite='static', v=1)])
+    common.append_results(path, dict(cpu, n=2),
+                          [dict(suite='memory', v=2), dict(suite='static', v=2)])
+    common.append_results(path, dict(h200, n=3), [dict(suite='static', v=3)])
+    common.append_results(path, dict(cpu, smoke=True, n=4),
+                          [dict(suite='static', v=4)])
+    common.append_results(path, dict(cpu, n=5), [dict(suite='static', v=5)])
+    assert [r['meta']['n'] for r in common.load_runs(path)] == [2, 3, 4, 5]
+    common.append_results(path, dict(cpu, n=6),
+                          [dict(suite='static', v=6), dict(suite='memory', v=6)])
+    assert [r['meta']['n'] for r in common.load_runs(path)] == [3, 4, 6]
+    # PartialResults: only the completed suites replace older runs
+    save = common.PartialResults(path, dict(cpu, n=7))
+    save([dict(suite='static', v=7)], ['t'])
+    assert [r['meta']['n'] for r in common.load_runs(path)] == [3, 4, 6, 7]
+    save([dict(suite='static', v=7), dict(suite='memory', v=7)], ['t'],
+         complete=['static', 'memory'])
+    assert [r['meta']['n'] for r in common.load_runs(path)] == [3, 4, 7]
