@@ -33,6 +33,8 @@ TORCH_LIBRARY(convnextv2_fast, m) {
         "-> Tensor");
   m.def("sparse_dwconv_tile_fwd(Tensor feats, Tensor taps, Tensor? bias, Tensor halo_rows, "
         "int tile) -> Tensor");
+  m.def("sparse_dwconv_mma_fwd(Tensor feats, Tensor taps, Tensor? bias, Tensor halo_rows) "
+        "-> Tensor");
   m.def("sparse_dwconv_bwd_weight(Tensor grad_out, Tensor feats, Tensor nbr_rows) "
         "-> (Tensor, Tensor)");
   m.def("sparse_dwconv_tile_wgrad(Tensor grad_out, Tensor feats, Tensor halo_rows, "
@@ -42,6 +44,7 @@ TORCH_LIBRARY(convnextv2_fast, m) {
 TORCH_LIBRARY_IMPL(convnextv2_fast, CPU, m) {
   m.impl("sparse_dwconv_fwd", &convnextv2_fast::sparse_dwconv_fwd_cpu);
   m.impl("sparse_dwconv_tile_fwd", &convnextv2_fast::sparse_dwconv_tile_fwd_cpu);
+  m.impl("sparse_dwconv_mma_fwd", &convnextv2_fast::sparse_dwconv_mma_fwd_cpu);
   m.impl("sparse_dwconv_bwd_weight", &convnextv2_fast::sparse_dwconv_bwd_weight_cpu);
   m.impl("sparse_dwconv_tile_wgrad", &convnextv2_fast::sparse_dwconv_tile_wgrad_cpu);
 }
@@ -50,6 +53,7 @@ TORCH_LIBRARY_IMPL(convnextv2_fast, CPU, m) {
 TORCH_LIBRARY_IMPL(convnextv2_fast, CUDA, m) {
   m.impl("sparse_dwconv_fwd", &convnextv2_fast::sparse_dwconv_fwd_cuda);
   m.impl("sparse_dwconv_tile_fwd", &convnextv2_fast::sparse_dwconv_tile_fwd_cuda);
+  m.impl("sparse_dwconv_mma_fwd", &convnextv2_fast::sparse_dwconv_mma_fwd_cuda);
   m.impl("sparse_dwconv_bwd_weight", &convnextv2_fast::sparse_dwconv_bwd_weight_cuda);
   m.impl("sparse_dwconv_tile_wgrad", &convnextv2_fast::sparse_dwconv_tile_wgrad_cuda);
 }

@@ -17,6 +17,7 @@ specialisations + one nvcc run) 210 s of CPU time (17 min wall there only
 because ~10 other jobs shared the 2 cores); warm 42 s wall, 9 s CPU.
 """
 import json
+import glob
 import os
 import subprocess
 import sys
@@ -189,8 +190,12 @@ def test_sparse_dwconv_cu_launch_sites_cover_every_kernel():
     src = os.path.join(ROOT, 'csrc', 'sparse_dwconv', 'sparse_dwconv_cuda.cu')
     with open(src) as f:
         text = f.read()
-    consts = sm90._cu_consts(text)
-    sites = sm90._cu_launch_sites(text)
+    hdr = ''
+    for h in sorted(glob.glob(os.path.join(os.path.dirname(src), '*.h'))):
+        with open(h) as f:
+            hdr += f.read()
+    consts = dict(sm90._cu_consts(hdr), **sm90._cu_consts(text))  # as cuda_kernel_resources
+    sites = sm90._cu_launch_sites(text, sm90._cu_consts(hdr))
     kernels = set(re.findall(r'__global__\s+void\s+__launch_bounds__\([^)]*\)\s*(\w+)', text))
     assert 'sparse_dwconv_tile_wgrad_kernel' in kernels
     assert kernels == set(sites), (kernels, set(sites))

@@ -103,9 +103,34 @@ def conv_tile(layout: StageLayout, tile: Optional[int] = None,
     return tile
 
 
-def _conv_op(ops, x, taps, bias, layout, tile):
+MMA_DTYPES = (torch.float16, torch.bfloat16)  # dtypes of the tensor-core tile path
+
+
+def conv_mma(x: torch.Tensor, tile: int, mma: Optional[bool] = None) -> bool:
+    """Whether the forward / input gradient on the path ``tile`` runs the
+    tensor-core op ``sparse_dwconv_mma_fwd`` (8x8 tiles, fp16/bf16, C % 8 == 0,
+    16-byte aligned rows) instead of the FFMA tile op: ``mma`` when given (True
+    also on CPU, where the C++ twin emulates the kernel's ldmatrix / mma.sync),
+    else on CUDA wherever it applies.  Model (benchmarks/model_sparse_dwconv.py,
+    V2-B 224^2 mask 0.6 bf16, H200, not a GPU measurement): stage-1 forward
+    3.0x -> see the README for the x HBM floor of each path."""
+    ok = (tile == 8 and x.dtype in MMA_DTYPES and x.dim() == 2 and x.shape[1] % 8 == 0
+          and x.storage_offset() * x.element_size() % 16 == 0)
+    if mma is None:
+        return ok and x.device.type == 'cuda'
+    if mma and not ok:
+        raise ArgumentError('the tensor-core path needs tile 8, float16/bfloat16 feats with '
+                            f'C % 8 == 0 and 16-byte aligned rows; got tile {tile}, '
+                            f'{x.dtype}, shape {tuple(x.shape)}.')
+    return bool(mma)
+
+
+def _conv_op(ops, x, taps, bias, layout, tile, mma=None):
     """The forward op (x = feats, taps) or the input gradient (x = grad_out, taps
-    reversed) on the path ``tile`` (:func:`conv_tile`)."""
+    reversed) on the path ``tile`` (:func:`conv_tile`), on tensor cores where
+    :func:`conv_mma` says so."""
+    if tile and conv_mma(x, tile, mma):
+        return ops.sparse_dwconv_mma_fwd(x, taps, bias, layout.tile_halo_rows(tile))
     if tile:
         return ops.sparse_dwconv_tile_fwd(x, taps, bias, layout.tile_halo_rows(tile), tile)
     return ops.sparse_dwconv_fwd(x, taps, bias, layout.neighbour_rows())
@@ -113,19 +138,21 @@ def _conv_op(ops, x, taps, bias, layout, tile):
 
 def sparse_dwconv_forward(feats: torch.Tensor, weight2d: torch.Tensor,
                           bias: Optional[torch.Tensor], layout: StageLayout,
-                          ops=None, tile: Optional[int] = None) -> torch.Tensor:
+                          ops=None, tile: Optional[int] = None,
+                          mma: Optional[bool] = None) -> torch.Tensor:
     """out[M, C] with the compiled op; weight2d (C, 49)/bias already in feats' dtype;
-    ``tile``: see :func:`conv_tile`."""
+    ``tile``: see :func:`conv_tile`, ``mma``: :func:`conv_mma`."""
     ops = ops or sparse_ops()
     return _conv_op(ops, feats.contiguous(), _taps(weight2d),
                     None if bias is None else bias.contiguous(), layout,
-                    conv_tile(layout, tile))
+                    conv_tile(layout, tile), mma)
 
 
 def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
                            weight2d: torch.Tensor, layout: StageLayout,
                            need_input: bool = True, need_weight: bool = True,
-                           ops=None, tile: Optional[int] = None) -> Tuple[Optional[torch.Tensor],
+                           ops=None, tile: Optional[int] = None,
+                           mma: Optional[bool] = None) -> Tuple[Optional[torch.Tensor],
                                               Optional[torch.Tensor],
                                               Optional[torch.Tensor]]:
     """(grad_feats, grad_weight2d (C, 49) fp32, grad_bias fp32); None where not needed.
@@ -142,7 +169,7 @@ def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
     path = conv_tile(layout, tile)
     gin = gw = gb = None
     if need_input:
-        gin = _conv_op(ops, grad_out, _taps(weight2d, flip=True), None, layout, path)
+        gin = _conv_op(ops, grad_out, _taps(weight2d, flip=True), None, layout, path, mma)
     if need_weight:
         if path:
             gw, gb = ops.sparse_dwconv_tile_wgrad(grad_out, feats.contiguous(),

@@ -31,6 +31,14 @@
 // accumulated in opmath; chunks of TileGeom<tile>::kWgradTiles consecutive
 // tiles write partials [chunks, 50, C], summed in chunk order like the gather's.
 //
+// Tensor-core tile path of the forward / input gradient (fp16 / bf16, 8x8 tiles;
+// sparse_dwconv_mma.h): sparse_dwconv_mma_fwd(feats, taps, bias, halo_rows) with
+// halo_rows = StageLayout.tile_halo_rows(8) -> out as the tile path, up to the
+// fp32 summation order (mma.sync accumulates each 16-column k block in
+// hardware).  C % 8 == 0 and 16-byte aligned feats (the host falls back to the
+// FFMA tile path otherwise).  The C++ twin emulates ldmatrix / mma.sync lane by
+// lane with the kernel's index functions.
+//
 // Weight/bias gradient: deterministic.  Rows are split into fixed chunks of
 // sdw::kWgradRowsPerChunk; each chunk writes fp32 (fp64 for fp64) partials
 // [chunks, 50, C] (49 taps + bias), summed afterwards in chunk order.  No float
@@ -84,6 +92,10 @@ int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor&
                                       const c10::optional<at::Tensor>& bias,
                                       const at::Tensor& halo_rows, int64_t tile,
                                       const char* op = "sparse_dwconv_tile_fwd");
+// Checks of the tensor-core tile op's arguments (both twins); returns the number of tiles.
+int64_t check_sparse_dwconv_mma_args(const at::Tensor& feats, const at::Tensor& taps,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& halo_rows);
 // Checks of the tile weight-gradient op's arguments; returns the number of tiles.
 int64_t check_sparse_dwconv_tile_wgrad_args(const at::Tensor& grad_out, const at::Tensor& feats,
                                             const at::Tensor& halo_rows, int64_t tile);
@@ -111,6 +123,9 @@ at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps
 at::Tensor sparse_dwconv_tile_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
                                       const c10::optional<at::Tensor>& bias,
                                       const at::Tensor& halo_rows, int64_t tile);
+at::Tensor sparse_dwconv_mma_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& halo_rows);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cpu(
@@ -124,6 +139,9 @@ at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& tap
 at::Tensor sparse_dwconv_tile_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
                                        const c10::optional<at::Tensor>& bias,
                                        const at::Tensor& halo_rows, int64_t tile);
+at::Tensor sparse_dwconv_mma_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cuda(

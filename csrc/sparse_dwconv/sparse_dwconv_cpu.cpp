@@ -1,5 +1,6 @@
 // C++ (CPU) twin of sparse_dwconv_cuda.cu; see sparse_dwconv.h for the layout.
 #include "sparse_dwconv/sparse_dwconv.h"
+#include "sparse_dwconv/sparse_dwconv_mma.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,6 +10,8 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <vector>
 
 namespace convnextv2_fast {
 
@@ -80,6 +83,22 @@ int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor&
   TORCH_CHECK(M * C < (int64_t(1) << 31) && K * halo < (int64_t(1) << 31), op,
               ": too many elements for int32 indexing (M * C and K * (tile + 6)^2 must be "
               "< 2^31)");
+  return K;
+}
+
+int64_t check_sparse_dwconv_mma_args(const at::Tensor& feats, const at::Tensor& taps,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& halo_rows) {
+  const char* op = "sparse_dwconv_mma_fwd";
+  const int64_t K =
+      check_sparse_dwconv_tile_args(feats, taps, bias, halo_rows, sdw::kMmaTile, op);
+  const auto st = feats.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16, op,
+              ": feats must be float16 or bfloat16 (tensor cores), got ", st);
+  TORCH_CHECK(feats.size(1) % 8 == 0, op, ": C must be a multiple of 8 (16-byte channel "
+              "vectors), got ", feats.size(1));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(feats.const_data_ptr()) % 16 == 0, op,
+              ": feats must be 16-byte aligned");
   return K;
 }
 
@@ -232,6 +251,117 @@ at::Tensor sparse_dwconv_tile_fwd_cpu(const at::Tensor& feats, const at::Tensor&
       });
     });
   });
+  return out;
+}
+
+namespace {
+
+// What ldmatrix.x4 returns to lane l: register q = row l >> 2 of matrix q,
+// elements 2 (l & 3), + 1, where lane 8 q + r supplied the address of row r of
+// matrix q (PTX ISA, "ldmatrix").  a[l][q][h].
+template <typename T>
+void emulate_ldmatrix_x4(const T* xs, int cl, int dy, T (&a)[32][4][2]) {
+  for (int l = 0; l < 32; ++l)
+    for (int q = 0; q < 4; ++q) {
+      const int idx = sdw::mma_a_row_index(8 * q + (l >> 2), cl, dy) + 2 * (l & 3);
+      a[l][q][0] = xs[idx];
+      a[l][q][1] = xs[idx + 1];
+    }
+}
+
+// d += A B for mma.sync.m16n8k16.row.col with fp32 accumulation, from the
+// lanes' fragments in the PTX ISA layout (g = l >> 2, t = l & 3):
+//   A: a[l][j][h] = A[g + 8 (j & 1)][2 t + h + 8 (j >> 1)]
+//   B: b[l][2 j + h] = B[2 t + h + 8 j][g]
+//   D: d[l][i] = D[g + 8 (i >> 1)][2 t + (i & 1)]
+// Each output adds its 16 exact products in k order (the hardware's order and
+// internal rounding are its own: GPU and twin agree up to fp32 summation order).
+template <typename T>
+void emulate_mma_16816(const T (&a)[32][4][2], const T (&b)[32][4], float (&d)[32][4]) {
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int j = 0; j < 4; ++j)
+      for (int h = 0; h < 2; ++h)
+        A[g + 8 * (j & 1)][2 * t + h + 8 * (j >> 1)] = static_cast<float>(a[l][j][h]);
+    for (int j = 0; j < 2; ++j)
+      for (int h = 0; h < 2; ++h) B[2 * t + h + 8 * j][g] = static_cast<float>(b[l][2 * j + h]);
+  }
+  for (int l = 0; l < 32; ++l)
+    for (int i = 0; i < 4; ++i) {
+      const int m = (l >> 2) + 8 * (i >> 1), n = 2 * (l & 3) + (i & 1);
+      float s = d[l][i];
+      for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
+      d[l][i] = s;
+    }
+}
+
+
+// The CUDA kernel's work, one (tile pair, 32-channel group) per task, with the
+// kernel's staging (mma_stage, mma_zero_pad), fragments (mma_a_row_index via
+// the emulated ldmatrix, mma_b_frag), bias init and epilogue map (mma_c_pos,
+// mma_own_row); warps and lanes become loops.
+template <typename T>
+void mma_fwd_twin(const at::Tensor& feats, const at::Tensor& taps, const at::Tensor* bias,
+                  const at::Tensor& halo_rows, at::Tensor& out, int K, int C) {
+  const T* x = feats.const_data_ptr<T>();
+  const T* w = taps.const_data_ptr<T>();
+  const T* b = bias ? bias->const_data_ptr<T>() : nullptr;
+  const int32_t* halo = halo_rows.const_data_ptr<int32_t>();
+  T* y = out.mutable_data_ptr<T>();
+  const int pairs = (K + 1) / 2, groups = (C + sdw::kMmaCh - 1) / sdw::kMmaCh;
+  at::parallel_for(0, int64_t(pairs) * groups, 1, [&](int64_t ib, int64_t ie) {
+    std::vector<T> xs_v(sdw::kMmaXsElems, T(0));
+    T* xs = xs_v.data();
+    for (int i = 0; i < sdw::kMmaCh * 2 * sdw::kMmaSide; ++i) sdw::mma_zero_pad<T>(i, xs);
+    for (int64_t item = ib; item < ie; ++item) {
+      const int k0 = 2 * static_cast<int>(item / groups);
+      const int cbase = sdw::kMmaCh * static_cast<int>(item % groups);
+      for (int i = 0; i < sdw::kMmaStageTasks; ++i)
+        sdw::mma_stage<T>(i, halo, K, k0, x, C, cbase, xs);
+      for (int cl = 0; cl < sdw::kMmaCh; ++cl) {
+        const int c = cbase + cl;
+        float d[32][4];
+        const float init = (b != nullptr && c < C) ? static_cast<float>(b[c]) : 0.f;
+        for (auto& dl : d)
+          for (float& v : dl) v = init;
+        for (int dy = 0; dy < 7; ++dy) {
+          T a[32][4][2], bf[32][4];
+          emulate_ldmatrix_x4<T>(xs, cl, dy, a);
+          for (int l = 0; l < 32; ++l) sdw::mma_b_frag<T>(w, C, c, dy, l, bf[l]);
+          emulate_mma_16816<T>(a, bf, d);
+        }
+        if (c >= C) continue;
+        for (int l = 0; l < 32; ++l)
+          for (int i = 0; i < 4; ++i) {
+            int tile, py, px;
+            sdw::mma_c_pos(l, i, tile, py, px);
+            const int32_t m = sdw::mma_own_row(halo, K, k0 + tile, py, px);
+            if (m >= 0) y[m * C + c] = static_cast<T>(d[l][i]);
+          }
+      }
+    }
+  });
+}
+
+}  // namespace
+at::Tensor sparse_dwconv_mma_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
+                                     const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& halo_rows) {
+  const int64_t K = check_sparse_dwconv_mma_args(feats, taps, bias, halo_rows);
+  TORCH_CHECK(feats.device().is_cpu(), "sparse_dwconv_mma_fwd_cpu: feats must be a CPU tensor");
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto out = at::empty_like(feats);
+  const int C = static_cast<int>(feats.size(1));
+  if (K == 0 || feats.size(0) == 0) return out;
+  AT_DISPATCH_SWITCH(feats.scalar_type(), "sparse_dwconv_mma_fwd_cpu",
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+    mma_fwd_twin<scalar_t>(feats, taps, has_bias ? &*bias : nullptr, halo_rows, out,
+                           static_cast<int>(K), C);
+  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    mma_fwd_twin<scalar_t>(feats, taps, has_bias ? &*bias : nullptr, halo_rows, out,
+                           static_cast<int>(K), C);
+  }));
   return out;
 }
 

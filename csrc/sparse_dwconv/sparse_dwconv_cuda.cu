@@ -38,6 +38,7 @@
 // The per-chunk partials [chunks, 50, C] are summed in chunk order by a second
 // kernel.  Bit-reproducible: no atomics, and the same chunking as the C++ twin.
 #include "sparse_dwconv/sparse_dwconv.h"
+#include "sparse_dwconv/sparse_dwconv_mma.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -68,6 +69,13 @@ constexpr int kTileWgradThreads = 128;  // upper bound: kTileCh * kWgradWarps <=
                      AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)            \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// fp16 / bf16 (the tensor-core path).
+#define CNX_DISPATCH_HALF_BF16(TYPE, NAME, ...)                           \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+using sdw::kMmaThreads;  // threads per CTA of the tensor-core kernel (launch and bounds)
 
 struct Launch {
   int bx, by, rows_per_cta;
@@ -130,6 +138,125 @@ __global__ void __launch_bounds__(kTileThreads) sparse_dwconv_tile_fwd_kernel(
   sdw::bias_init<T, 1>(bias, c0, init);
   sdw::conv_tile_rows<T, 1, TS, R>(buf, kTileCh, threadIdx.x, threadIdx.y * R, taps, C, c0,
                                    init, halo, out);
+}
+
+// 16-bit pair of two values (lo in the low half): one register of an MMA fragment.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  return static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(addr));
+}
+
+// d += A B, m16n8k16, fp32 accumulation; A row-major (a0..a3), B "col" (b0, b1).
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Tensor-core tile path (sparse_dwconv_mma_fwd; the math and the layouts are in
+// sparse_dwconv_mma.h).  One CTA = kMmaCh channels x a run of `pairs_per_cta`
+// tile pairs; 8 warps, warp w owns channels 4w .. 4w + 3 and keeps their 7 B
+// fragments (the banded taps) in 56 registers for the whole run.  Per pair:
+// stage both halos (784 tasks: two 16-byte loads + 8 word stores each, the
+// transpose to channel-major), then per channel 7 x (ldmatrix.x4 + mma) into 4
+// fp32 accumulators initialised with the bias, the bf16/fp16 results packed two
+// channels a word into ys, and 512 tasks store 16-byte vectors of 8 channels to
+// the visible own pixels.  Shared memory (static): xs 28.7 KB + ys 8.7 KB.
+template <typename T>
+__global__ void __launch_bounds__(kMmaThreads, 2) sparse_dwconv_mma_fwd_kernel(
+    const T* __restrict__ x,                // [M, C] feats (or grad_out for the input grad)
+    const T* __restrict__ taps,             // [49, C] (reversed for the input grad)
+    const T* __restrict__ bias,             // [C] or nullptr
+    const int32_t* __restrict__ halo_rows,  // [K, 196] halo rows of the 8x8 tiles, -1 = absent
+    T* __restrict__ out,                    // [M, C]
+    int K, int C, int pairs_per_cta) {
+  using namespace sdw;
+  __shared__ __align__(16) T xs[kMmaXsElems];
+  __shared__ __align__(16) uint32_t ys[2 * kMmaTile * kMmaTile * kMmaYsPitch];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int cbase = blockIdx.y * kMmaCh;
+  for (int i = tid; i < kMmaCh * 2 * kMmaSide; i += kMmaThreads) mma_zero_pad<T>(i, xs);
+  uint32_t bfrag[kMmaChPerWarp][7][2];
+  float binit[kMmaChPerWarp];
+  CNX_UNROLL
+  for (int ch = 0; ch < kMmaChPerWarp; ++ch) {
+    const int c = cbase + warp * kMmaChPerWarp + ch;
+    CNX_UNROLL
+    for (int dy = 0; dy < 7; ++dy) {
+      T b[4];
+      mma_b_frag<T>(taps, C, c, dy, lane, b);
+      bfrag[ch][dy][0] = pack2<T>(b[0], b[1]);
+      bfrag[ch][dy][1] = pack2<T>(b[2], b[3]);
+    }
+    binit[ch] = (bias != nullptr && c < C) ? static_cast<float>(bias[c]) : 0.f;
+  }
+  const int pairs = (K + 1) / 2;
+  const int p1 = min(pairs, (blockIdx.x + 1) * pairs_per_cta);
+  for (int p = blockIdx.x * pairs_per_cta; p < p1; ++p) {
+    const int k0 = 2 * p;
+    __syncthreads();  // the previous pair's xs / ys reads are done
+    for (int i = tid; i < kMmaStageTasks; i += kMmaThreads)
+      mma_stage<T>(i, halo_rows, K, k0, x, C, cbase, xs);
+    __syncthreads();
+    CNX_UNROLL
+    for (int pr = 0; pr < kMmaChPerWarp / 2; ++pr) {
+      float acc[2][4];
+      CNX_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        CNX_UNROLL
+        for (int i = 0; i < 4; ++i) acc[h][i] = binit[2 * pr + h];
+      }
+      CNX_UNROLL
+      for (int dy = 0; dy < 7; ++dy) {
+        CNX_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          const int cl = warp * kMmaChPerWarp + 2 * pr + h;
+          uint32_t a[4];
+          ldmatrix_x4(a, xs + mma_a_row_index(lane, cl, dy));
+          mma_16816<T>(acc[h], a, bfrag[2 * pr + h][dy][0], bfrag[2 * pr + h][dy][1]);
+        }
+      }
+      const int word = (warp * kMmaChPerWarp + 2 * pr) / 2;
+      CNX_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        int tile, py, px;
+        mma_c_pos(lane, i, tile, py, px);
+        const int P = (tile * kMmaTile + py) * kMmaTile + px;
+        ys[P * kMmaYsPitch + word] =
+            pack2<T>(static_cast<T>(acc[0][i]), static_cast<T>(acc[1][i]));
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < kMmaOutTasks; i += kMmaThreads) {
+      const int P = i >> 2, cg = i & 3;
+      const int c0 = cbase + 8 * cg;
+      const int32_t m = mma_own_row(halo_rows, K, k0 + (P >> 6), (P >> 3) & 7, P & 7);
+      if (m < 0 || c0 >= C) continue;
+      Vec<uint32_t, 4> w;
+      CNX_UNROLL
+      for (int e = 0; e < 4; ++e) w.v[e] = ys[P * kMmaYsPitch + 4 * cg + e];
+      store_vec<uint32_t, 4>(reinterpret_cast<uint32_t*>(out + m * C + c0), w);
+    }
+  }
 }
 
 template <typename T, int V>
@@ -364,6 +491,35 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cuda(const at::Tenso
     });
   });
   return reduce_partials(o, chunks);
+}
+
+at::Tensor sparse_dwconv_mma_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows) {
+  const int64_t K = check_sparse_dwconv_mma_args(feats, taps, bias, halo_rows);
+  TORCH_CHECK(feats.is_cuda(), "sparse_dwconv_mma_fwd_cuda: feats must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(feats.device());
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto out = at::empty_like(feats);
+  const int C = static_cast<int>(feats.size(1));
+  if (K == 0 || feats.size(0) == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int groups = (C + sdw::kMmaCh - 1) / sdw::kMmaCh;
+  const int pairs = static_cast<int>((K + 1) / 2);
+  // About 4 CTAs of work per SM (2 resident): each CTA builds its B fragments
+  // once and reuses them over its run of pairs.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int per = std::clamp((pairs * groups + 4 * sms - 1) / (4 * sms), 1, 16);
+  const dim3 grid((pairs + per - 1) / per, groups);
+  CNX_DISPATCH_HALF_BF16(feats.scalar_type(), "sparse_dwconv_mma_fwd_cuda", [&] {
+    sparse_dwconv_mma_fwd_kernel<scalar_t><<<grid, kMmaThreads, 0, stream>>>(
+        feats.const_data_ptr<scalar_t>(), taps.const_data_ptr<scalar_t>(),
+        has_bias ? bias->const_data_ptr<scalar_t>() : nullptr,
+        halo_rows.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(),
+        static_cast<int>(K), C, per);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
 }
 
 }  // namespace convnextv2_fast
