@@ -128,7 +128,7 @@ MLP_IMPL = {'sparse': 'triton', 'sparse_torch': 'torch'}  # counted provider -> 
 PARTS = ('layout', 'stem', 's1', 's2', 's3', 's4')
 PHASES = ('fwd', 'bwd', 'fwd+bwd')
 GATE_VS_EAGER, GATE_VS_COMPILE = 0.4, 0.6  # issue 11: sparse / dense-masked, fwd+bwd
-EXT_FWD = ('sparse_dwconv_fwd', 'sparse_dwconv_tile_fwd')
+EXT_FWD = ('sparse_dwconv_fwd', 'sparse_dwconv_tile_fwd', 'sparse_dwconv_mma_fwd')
 EXT_WGRAD = ('sparse_dwconv_bwd_weight', 'sparse_dwconv_tile_wgrad')
 COLUMNS = ['gpu', 'provider', 'phase', 'part', 'time_us', 'ratio_vs_eager',
            'ratio_vs_compile', 'calls', 'hbm_MB', 'GFLOP', 'bound_share', 'class_share',
@@ -514,7 +514,8 @@ def op_time(rec: dict, gpu: dict, dw: Optional[Dict[tuple, dict]] = None) -> dic
         p = dw[(rec['shape0'][0], kind)]
         launches = 2 if kind == 'wgrad' else 1
         terms = dict(t_hbm_us=p['hbm_us'], t_l2_us=p['l2_us'],
-                     t_issue_us=max(p['issue_us'], p['lsu_us']), t_flop_us=0.,
+                     t_issue_us=max(p['issue_us'], p['lsu_us'], p.get('tensor_us', 0.)),
+                     t_flop_us=0.,
                      t_launch_us=launches * gpu['min_kernel_us'])
         bound = max(terms, key=terms.get)
         t = dict(terms, time_us=terms[bound], bound=bound[2:-3], calls=launches,

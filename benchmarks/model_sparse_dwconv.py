@@ -81,13 +81,14 @@ if ROOT not in sys.path:
 
 from benchmarks import shapes  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
-from convnextv2_fast.sparse.dwconv import TILES, conv_tile  # noqa: E402
+from convnextv2_fast.sparse.dwconv import MMA_DTYPES, TILES, conv_tile  # noqa: E402
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 H200 = dict(hbm_Bps=4.8e12, l2_Bps=8.0e12, sms=132, clk_hz=1.98e9, issue_per_clk=4,
             wavefront_B=128)
 COLUMNS = ['stage', 'pass', 'path', 'dtype', 'M', 'C', 'V', 'rows_per_cta', 'hbm_floor_us',
-           'hbm_us', 'l2_us', 'lsu_us', 'issue_us', 'ffma_floor_us', 'model_us', 'x_hbm_floor']
+           'hbm_us', 'l2_us', 'lsu_us', 'issue_us', 'ffma_floor_us', 'tensor_us', 'model_us',
+           'x_hbm_floor']
 TAPS, THREADS, FWD_ROWS_PER_THREAD, WGRAD_CHUNK, WGRAD_VEC = 49, 256, 8, 128, 2
 TILE_CH = 32  # channels per CTA of the tile path (kTileCh in the .cu)
 
@@ -248,13 +249,70 @@ def model_tile_wgrad_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor
                 rows_per_cta=per_chunk * tile * tile, **t)
 
 
+# Tensor-core 8x8 tile forward / input gradient (sparse_dwconv_mma_fwd_kernel,
+# sparse_dwconv_mma.h): one work item = a pair of tiles x 32 channels, 8 warps.
+# Warp instructions from the sm_90 SASS (bf16 and fp16 compile alike; sections
+# between the kernel's barriers, checked by tests/test_model_sparse_dwconv.py):
+# per item and warp 436 (468 static: staging, 4 slots on warps 0-3 and 3 on
+# 4-7, ~70 each with the 8-byte halo-table load, two 16-byte loads, 8 PRMT, 8
+# STS and 64-bit addressing; 28 LDSM.x4 + 28 HMMA + addressing 94; packing 19;
+# output, 2 slots, 35), per CTA and warp once ~730 (569 static: the taps
+# staging loop, ~9 tasks of ~20, and the B fragments, 28 x (4 LDS.U16 + 2 PRMT)).
+# LSU wavefronts per item: staging 28 warp-iterations x (1 table load + 8 STS,
+# conflict-free: one halo row, 8 column pairs x 4 channel groups skewed by 32
+# B), LDSM.x4 4 each (32 channels x 7), result stores 8 per warp at 2-way
+# conflicts, output 16 x (table load + 4 LDS + 4 for the 512-byte STG.128),
+# plus one per visible halo pixel (64 bytes of 32 channels).
+# Tensor pipe: one HMMA.16816 per 2 SM clocks (the dense mma.sync rate of
+# A100 class parts; Hopper's mma.sync is not slower).
+MMA_ITEM_INSTR, MMA_SETUP_INSTR = 436, 730  # per warp
+MMA_WARPS, MMA_CH, MMA_HMMA_CLK = 8, 32, 2.0
+MMA_ITEM_WF = 28 * (1 + 8) + MMA_CH * 7 * 4 + MMA_WARPS * 8 * 2 + 16 * 9
+MMA_SETUP_WF = (1792 + 448 * 4) // 32 + 1792 // 32 + MMA_WARPS * 112
+
+
+def mma_items(K: int, C: int, hw=H200):
+    """(pairs, channel groups, pairs per CTA, CTAs) of the host's launch."""
+    pairs, groups = -(-K // 2), -(-C // MMA_CH)
+    per = min(max(-(-pairs * groups // (2 * hw['sms'])), 1), 64)
+    return pairs, groups, per, -(-pairs // per) * groups
+
+
+def model_mma_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor, hw=H200) -> dict:
+    """Forward / input gradient on the tensor-core path for the int32 [K, 196]
+    halo table ``halo`` (8x8 tiles) of a real layout."""
+    e = torch.empty((), dtype=dtype).element_size()
+    K = halo.shape[0]
+    pairs, groups, per, ctas = mma_items(K, C, hw)
+    items = pairs * groups
+    vis_halo = int((halo >= 0).sum())
+    io = 2 * M * C * e
+    hbm = io + K * 196 * 4 + TAPS * C * e
+    l2 = (vis_halo * C * e + K * groups * (196 + 64) * 4 + M * C * e
+          + ctas * TAPS * MMA_CH * e)
+    wf = items * MMA_ITEM_WF + vis_halo * groups + ctas * MMA_SETUP_WF
+    instr = MMA_WARPS * (items * MMA_ITEM_INSTR + ctas * MMA_SETUP_INSTR)
+    ffma = M * C * TAPS / 32
+    t = _times(io, hbm, l2, wf, instr, ffma, hw)
+    t['tensor_us'] = items * MMA_CH * 7 * MMA_HMMA_CLK / (hw['sms'] * hw['clk_hz']) * 1e6
+    t['model_us'] = max(t['model_us'], t['tensor_us'])
+    t['x_hbm_floor'] = t['model_us'] / t['hbm_floor_us']
+    return dict(pass_='fwd', path='mma8', M=M, C=C, V=8, rows_per_cta=per * 128, **t)
+
+
 def model_layout_pass(kind: str, lay, C: int, dtype: torch.dtype, tile: int, hw=H200,
-                      table=None) -> dict:
+                      table=None, mma=None) -> dict:
     """One pass (``'fwd'``, ``'dgrad'`` or ``'wgrad'``) of the conv on the path
-    ``tile`` (0 = the gather) for the real layout ``lay`` (a ``StageLayout``)."""
+    ``tile`` (0 = the gather) for the real layout ``lay`` (a ``StageLayout``);
+    forward / input gradient on tensor cores where ``mma`` says so (None: where
+    ``conv_mma`` takes it on CUDA: tile 8, fp16/bf16, C % 8 == 0)."""
     if kind == 'wgrad' and tile:
         return model_tile_wgrad_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile,
                                      hw)
+    if mma is None:
+        mma = tile == 8 and dtype in MMA_DTYPES and C % 8 == 0
+    if mma:
+        return model_mma_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(8), hw)
     if tile:
         return model_tile_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile, hw)
     return model_pass('wgrad' if kind == 'wgrad' else 'fwd', lay.num_rows, C, dtype,
@@ -265,7 +323,9 @@ def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         mask_ratio: float = shapes.FCMAE_MASK_RATIO, dtype=torch.bfloat16,
         stages=(0, 1, 2, 3), progress=None, path=None) -> List[dict]:
     """Rows of every stage and pass; ``path``: None = the path the code takes
-    (:func:`conv_tile`), 0 = the gather, 2/4/8 = that tile size (fwd/dgrad)."""
+    (:func:`conv_tile`, :func:`conv_mma`), 0 = the gather, 2/4/8 = that FFMA
+    tile size, ``'mma8'`` = the tensor-core 8x8 tiles (fwd/dgrad; the weight
+    gradient then takes tile 8)."""
     g = torch.Generator().manual_seed(0)
     grid = size // 32
     mask = random_patch_mask(N, grid, grid, mask_ratio, generator=g).reshape(N, grid, grid)
@@ -275,8 +335,10 @@ def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         lay, C = layouts[i], shapes.V2B_CHANNELS[i]
         table = lay.neighbour_rows()
         tile = conv_tile(lay, device_type='cuda') if path is None else path
+        mma = None if path is None else path == 'mma8'
+        tile = 8 if tile == 'mma8' else tile
         for kind in ('fwd', 'dgrad', 'wgrad'):
-            r = model_layout_pass(kind, lay, C, dtype, tile, table=table)
+            r = model_layout_pass(kind, lay, C, dtype, tile, table=table, mma=mma)
             r.pop('pass_')
             row = {'bench': 'sparse_dwconv_model', 'stage': i + 1, 'pass': kind, 'N': N,
                    'img': size, 'mask_ratio': mask_ratio, 'dtype': str(dtype).split('.')[-1],
@@ -296,8 +358,11 @@ def run_suite(smoke: bool, device: torch.device, providers, progress=None):
 
 
 def compare_paths(passes=('fwd', ), **kw) -> List[dict]:
-    """The rows of ``passes`` on every path (gather, tile 2/4/8) at every stage."""
-    return [r for p in (0, ) + TILES for r in run(path=p, **kw) if r['pass'] in passes]
+    """The rows of ``passes`` on every path (gather, tile 2/4/8, and for fp16 /
+    bf16 the tensor-core 8x8 tiles) at every stage."""
+    paths = (0, ) + TILES + (('mma8', ) if kw.get('dtype', torch.bfloat16) in MMA_DTYPES
+                             else ())
+    return [r for p in paths for r in run(path=p, **kw) if r['pass'] in passes]
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace convnextv2_fast {
@@ -298,7 +299,7 @@ void emulate_mma_16816(const T (&a)[32][4][2], const T (&b)[32][4], float (&d)[3
 
 
 // The CUDA kernel's work, one (tile pair, 32-channel group) per task, with the
-// kernel's staging (mma_stage, mma_zero_pad), fragments (mma_a_row_index via
+// kernel's staging (mma_stage_taps, mma_stage), fragments (mma_a_row_index via
 // the emulated ldmatrix, mma_b_frag), bias init and epilogue map (mma_c_pos,
 // mma_own_row); warps and lanes become loops.
 template <typename T>
@@ -311,12 +312,16 @@ void mma_fwd_twin(const at::Tensor& feats, const at::Tensor& taps, const at::Ten
   T* y = out.mutable_data_ptr<T>();
   const int pairs = (K + 1) / 2, groups = (C + sdw::kMmaCh - 1) / sdw::kMmaCh;
   at::parallel_for(0, int64_t(pairs) * groups, 1, [&](int64_t ib, int64_t ie) {
-    std::vector<T> xs_v(sdw::kMmaXsElems, T(0));
+    // NaN-filled, as uninitialised shared memory may be: every element an MMA
+    // reads must be written by the staging (NaN * 0 would show in the output).
+    std::vector<T> xs_v(sdw::kMmaXsElems, T(std::numeric_limits<float>::quiet_NaN())),
+        ws_v(sdw::kMmaWsElems, T(std::numeric_limits<float>::quiet_NaN()));
     T* xs = xs_v.data();
-    for (int i = 0; i < sdw::kMmaCh * 2 * sdw::kMmaSide; ++i) sdw::mma_zero_pad<T>(i, xs);
+    T* ws = ws_v.data();
     for (int64_t item = ib; item < ie; ++item) {
       const int k0 = 2 * static_cast<int>(item / groups);
       const int cbase = sdw::kMmaCh * static_cast<int>(item % groups);
+      for (int i = 0; i < sdw::kMmaWsTasks; ++i) sdw::mma_stage_taps<T>(i, w, C, cbase, ws);
       for (int i = 0; i < sdw::kMmaStageTasks; ++i)
         sdw::mma_stage<T>(i, halo, K, k0, x, C, cbase, xs);
       for (int cl = 0; cl < sdw::kMmaCh; ++cl) {
@@ -328,7 +333,7 @@ void mma_fwd_twin(const at::Tensor& feats, const at::Tensor& taps, const at::Ten
         for (int dy = 0; dy < 7; ++dy) {
           T a[32][4][2], bf[32][4];
           emulate_ldmatrix_x4<T>(xs, cl, dy, a);
-          for (int l = 0; l < 32; ++l) sdw::mma_b_frag<T>(w, C, c, dy, l, bf[l]);
+          for (int l = 0; l < 32; ++l) sdw::mma_b_frag<T>(ws, cl, dy, l, bf[l]);
           emulate_mma_16816<T>(a, bf, d);
         }
         if (c >= C) continue;

@@ -191,50 +191,55 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sparse_dwconv_mma_fwd_kernel(
     int K, int C, int pairs_per_cta) {
   using namespace sdw;
   __shared__ __align__(16) T xs[kMmaXsElems];
-  __shared__ __align__(16) uint32_t ys[2 * kMmaTile * kMmaTile * kMmaYsPitch];
+  uint32_t* ys = reinterpret_cast<uint32_t*>(xs);  // the results, after the MMAs
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int cbase = blockIdx.y * kMmaCh;
-  for (int i = tid; i < kMmaCh * 2 * kMmaSide; i += kMmaThreads) mma_zero_pad<T>(i, xs);
+  // The taps of the CTA's channels, staged once (in xs, before any halo), then
+  // each warp's B fragments and bias init into registers.
+  for (int i = tid; i < kMmaWsTasks; i += kMmaThreads) mma_stage_taps<T>(i, taps, C, cbase, xs);
+  __syncthreads();
   uint32_t bfrag[kMmaChPerWarp][7][2];
   float binit[kMmaChPerWarp];
   CNX_UNROLL
   for (int ch = 0; ch < kMmaChPerWarp; ++ch) {
-    const int c = cbase + warp * kMmaChPerWarp + ch;
+    const int cl = warp * kMmaChPerWarp + ch, c = cbase + cl;
     CNX_UNROLL
     for (int dy = 0; dy < 7; ++dy) {
       T b[4];
-      mma_b_frag<T>(taps, C, c, dy, lane, b);
+      mma_b_frag<T>(xs, cl, dy, lane, b);
       bfrag[ch][dy][0] = pack2<T>(b[0], b[1]);
       bfrag[ch][dy][1] = pack2<T>(b[2], b[3]);
     }
     binit[ch] = (bias != nullptr && c < C) ? static_cast<float>(bias[c]) : 0.f;
   }
+  __syncthreads();
+  constexpr int kSlots = (kMmaStageTasks + kMmaThreads - 1) / kMmaThreads;
   const int pairs = (K + 1) / 2;
   const int p1 = min(pairs, (blockIdx.x + 1) * pairs_per_cta);
   for (int p = blockIdx.x * pairs_per_cta; p < p1; ++p) {
     const int k0 = 2 * p;
     __syncthreads();  // the previous pair's xs / ys reads are done
-    for (int i = tid; i < kMmaStageTasks; i += kMmaThreads)
-      mma_stage<T>(i, halo_rows, K, k0, x, C, cbase, xs);
-    __syncthreads();
     CNX_UNROLL
-    for (int pr = 0; pr < kMmaChPerWarp / 2; ++pr) {
-      float acc[2][4];
+    for (int j = 0; j < kSlots; ++j)
+      if (tid + j * kMmaThreads < kMmaStageTasks)
+        mma_stage<T>(tid + j * kMmaThreads, halo_rows, K, k0, x, C, cbase, xs);
+    __syncthreads();
+    float acc[kMmaChPerWarp][4];
+    CNX_UNROLL
+    for (int ch = 0; ch < kMmaChPerWarp; ++ch) {
+      const int cl = warp * kMmaChPerWarp + ch;
       CNX_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        CNX_UNROLL
-        for (int i = 0; i < 4; ++i) acc[h][i] = binit[2 * pr + h];
-      }
+      for (int i = 0; i < 4; ++i) acc[ch][i] = binit[ch];
       CNX_UNROLL
       for (int dy = 0; dy < 7; ++dy) {
-        CNX_UNROLL
-        for (int h = 0; h < 2; ++h) {
-          const int cl = warp * kMmaChPerWarp + 2 * pr + h;
-          uint32_t a[4];
-          ldmatrix_x4(a, xs + mma_a_row_index(lane, cl, dy));
-          mma_16816<T>(acc[h], a, bfrag[2 * pr + h][dy][0], bfrag[2 * pr + h][dy][1]);
-        }
+        uint32_t a[4];
+        ldmatrix_x4(a, xs + mma_a_row_index(lane, cl, dy));
+        mma_16816<T>(acc[ch], a, bfrag[ch][dy][0], bfrag[ch][dy][1]);
       }
+    }
+    __syncthreads();  // every warp is done with xs: it becomes ys
+    CNX_UNROLL
+    for (int pr = 0; pr < kMmaChPerWarp / 2; ++pr) {
       const int word = (warp * kMmaChPerWarp + 2 * pr) / 2;
       CNX_UNROLL
       for (int i = 0; i < 4; ++i) {
@@ -242,11 +247,14 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sparse_dwconv_mma_fwd_kernel(
         mma_c_pos(lane, i, tile, py, px);
         const int P = (tile * kMmaTile + py) * kMmaTile + px;
         ys[P * kMmaYsPitch + word] =
-            pack2<T>(static_cast<T>(acc[0][i]), static_cast<T>(acc[1][i]));
+            pack2<T>(static_cast<T>(acc[2 * pr][i]), static_cast<T>(acc[2 * pr + 1][i]));
       }
     }
     __syncthreads();
-    for (int i = tid; i < kMmaOutTasks; i += kMmaThreads) {
+    static_assert(kMmaOutTasks % kMmaThreads == 0, "output tasks: whole slots");
+    CNX_UNROLL
+    for (int j = 0; j < kMmaOutTasks / kMmaThreads; ++j) {
+      const int i = tid + j * kMmaThreads;
       const int P = i >> 2, cg = i & 3;
       const int c0 = cbase + 8 * cg;
       const int32_t m = mma_own_row(halo_rows, K, k0 + (P >> 6), (P >> 3) & 7, P & 7);
@@ -506,10 +514,10 @@ at::Tensor sparse_dwconv_mma_fwd_cuda(const at::Tensor& feats, const at::Tensor&
   auto stream = at::cuda::getCurrentCUDAStream();
   const int groups = (C + sdw::kMmaCh - 1) / sdw::kMmaCh;
   const int pairs = static_cast<int>((K + 1) / 2);
-  // About 4 CTAs of work per SM (2 resident): each CTA builds its B fragments
-  // once and reuses them over its run of pairs.
+  // One wave (2 CTAs resident per SM): each CTA stages its taps and builds its B
+  // fragments once and reuses them over its run of pairs.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int per = std::clamp((pairs * groups + 4 * sms - 1) / (4 * sms), 1, 16);
+  const int per = std::clamp((pairs * groups + 2 * sms - 1) / (2 * sms), 1, 64);
   const dim3 grid((pairs + per - 1) / per, groups);
   CNX_DISPATCH_HALF_BF16(feats.scalar_type(), "sparse_dwconv_mma_fwd_cuda", [&] {
     sparse_dwconv_mma_fwd_kernel<scalar_t><<<grid, kMmaThreads, 0, stream>>>(
