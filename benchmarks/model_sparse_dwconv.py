@@ -69,9 +69,10 @@ code takes and, per stage, every path (gather, tile 2/4/8) of the forward and
 the weight gradient in bf16 and fp32: why ``conv_tile`` picks what it picks on
 the GPU.
 """
+import os
 import os.path as osp
 import sys
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -269,6 +270,36 @@ MMA_ITEM_INSTR, MMA_SETUP_INSTR = 436, 730  # per warp
 MMA_WARPS, MMA_CH, MMA_HMMA_CLK = 8, 32, 2.0
 MMA_ITEM_WF = 28 * (1 + 8) + MMA_CH * 7 * 4 + MMA_WARPS * 8 * 2 + 16 * 9
 MMA_SETUP_WF = (1792 + 448 * 4) // 32 + 1792 // 32 + MMA_WARPS * 112
+
+
+def cu_kernel_sass(kernel: str, src: str = 'csrc/sparse_dwconv/sparse_dwconv_cuda.cu'
+                   ) -> Dict[str, list]:
+    """SASS of every instantiation of ``__global__`` kernel ``kernel`` of the
+    .cu ``src``, compiled for sm_90 with the static suite's nvcc command (a
+    cubin cached by the static suite's source digest): {demangled name: [opcode
+    with modifiers, in address order]}.  What the instruction constants above
+    are read from (tests/test_model_sparse_dwconv.py)."""
+    import re
+    import subprocess
+
+    from benchmarks import common, sm90
+    out = osp.join(sm90.cache_dir(), 'sass', common.source_digest('static') + '.cubin')
+    if not osp.exists(out):
+        os.makedirs(osp.dirname(out), exist_ok=True)
+        subprocess.run(sm90._nvcc_cmd(osp.join(ROOT, src), out), check=True,
+                       capture_output=True, text=True)
+    funcs, cur = {}, None
+    for line in sm90._run_tool('nvdisasm', '-c', out).splitlines():
+        m = re.match(r'\s*\.text\.(\S+):\s*$', line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = re.match(r'\s*/\*[0-9a-f]{4,}\*/\s+(.*?);', line)
+        if m and cur is not None:
+            body = re.sub(r'^@!?U?P\w+\s+', '', m.group(1).strip())
+            cur.append(body.split()[0] if body else '')
+    names = sm90._demangle(list(funcs))
+    return {names[k]: v for k, v in funcs.items() if f'{kernel}<' in names[k]}
 
 
 def mma_items(K: int, C: int, hw=H200):

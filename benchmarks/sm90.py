@@ -910,53 +910,6 @@ def _cu_launch_bounds(src_text: str, kernel: str,
         return None
 
 
-def _cu_compile(src: str):
-    """(cubin path, ptxas log path, compile seconds) of one .cu for sm_90,
-    cached by the hash of the source and its folder's headers (0 s on a hit)."""
-    with open(src) as f:
-        text = f.read()
-    hdrs = sorted(glob.glob(os.path.join(os.path.dirname(src), '*.h')))
-    h = hashlib.sha256(text.encode())
-    for p in hdrs:
-        with open(p, 'rb') as f:
-            h.update(f.read())
-    d = os.path.join(cache_dir(), 'cu', h.hexdigest()[:24])
-    cubin_p, log_p = os.path.join(d, 'k.cubin'), os.path.join(d, 'log')
-    t = 0.0
-    if not os.path.exists(log_p):
-        os.makedirs(d, exist_ok=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run(_nvcc_cmd(src, cubin_p), capture_output=True, text=True)
-        t = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise RuntimeError(f'nvcc failed on {src}:\n{proc.stderr[-3000:]}')
-        with open(log_p, 'w') as f:
-            f.write(proc.stdout + proc.stderr)
-    return cubin_p, log_p, t
-
-
-def cu_kernel_sass(src: str, kernel: str) -> Dict[str, List[SassInstr]]:
-    """SASS of every instantiation of ``__global__`` kernel ``kernel`` in the
-    .cu ``src`` (relative to the repository root), compiled for sm_90 as the
-    static suite does: {demangled name: instructions in address order}."""
-    cubin_p, _, _ = _cu_compile(os.path.join(ROOT, src))
-    raw = _run_tool('nvdisasm', '-c', cubin_p)
-    funcs, cur = {}, None
-    for line in raw.splitlines():
-        m = re.match(r'\s*\.text\.(\S+):\s*$', line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
-            continue
-        m = re.match(r'\s*/\*([0-9a-f]{4,})\*/\s+(.*?);', line)
-        if m and cur is not None:
-            body = re.sub(r'^@!?U?P\w+\s+', '', m.group(2).strip())
-            cur.append(SassInstr(int(m.group(1), 16), body.split()[0] if body else '', body,
-                                 None, None))
-    names = _demangle(list(funcs))
-    return {names[k]: v for k, v in funcs.items() if f'{kernel}<' in names[k]
-            or names[k].split('(')[0].endswith(kernel)}
-
-
 def cuda_kernel_resources(sources: Optional[List[str]] = None) -> List[dict]:
     """Every ``__global__`` kernel (every instantiation) of ``csrc/**/*.cu``
     compiled for sm_90: rows with ``kernel`` (demangled), ``file``, ``regs``,
@@ -969,7 +922,24 @@ def cuda_kernel_resources(sources: Optional[List[str]] = None) -> List[dict]:
         with open(src) as f:
             text = f.read()
         hdrs = sorted(glob.glob(os.path.join(os.path.dirname(src), '*.h')))
-        _, log_p, t = _cu_compile(src)
+        h = hashlib.sha256(text.encode())
+        for p in hdrs:
+            with open(p, 'rb') as f:
+                h.update(f.read())
+        d = os.path.join(cache_dir(), 'cu', h.hexdigest()[:24])
+        cubin_p, log_p = os.path.join(d, 'k.cubin'), os.path.join(d, 'log')
+        t = 0.0
+        if not os.path.exists(log_p):
+            os.makedirs(d, exist_ok=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(_nvcc_cmd(src, cubin_p),
+                                  capture_output=True, text=True)
+            t = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f'nvcc failed on {src}:\n'
+                                   f'{proc.stderr[-3000:]}')
+            with open(log_p, 'w') as f:
+                f.write(proc.stdout + proc.stderr)
         with open(log_p) as f:
             rep = parse_ptxas_log(f.read())
         names = _demangle(list(rep))

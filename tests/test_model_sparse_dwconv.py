@@ -91,11 +91,9 @@ def test_mma_model_constants_match_the_sass():
     from benchmarks import sm90
     if not sm90.have_ptxas():
         pytest.skip('no ptxas/nvdisasm for sm_90 here')
-    sass = sm90.cu_kernel_sass('csrc/sparse_dwconv/sparse_dwconv_cuda.cu',
-                               'sparse_dwconv_mma_fwd_kernel')
+    sass = msd.cu_kernel_sass('sparse_dwconv_mma_fwd_kernel')
     assert len(sass) == 2, list(sass)  # fp16 and bf16
-    for name, ins in sass.items():
-        ops = [i.op for i in ins]
+    for name, ops in sass.items():
         bars = [k for k, op in enumerate(ops) if op.startswith('BAR')]
         assert len(bars) == 6, (name, len(bars))  # taps, B fragments, 4 per pair
         item = ops[bars[2]:]
