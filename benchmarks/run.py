@@ -21,6 +21,7 @@ SUITES = {
     'backbone': 'benchmarks.bench_backbone',
     'maskrcnn': 'benchmarks.bench_maskrcnn',
     'fcmae': 'benchmarks.bench_fcmae',
+    'sparse_dwconv': 'benchmarks.bench_sparse_dwconv',
     'static': 'benchmarks.bench_static',
     'traffic': 'benchmarks.bench_traffic',
     'memory': 'benchmarks.bench_memory',

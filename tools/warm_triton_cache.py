@@ -58,7 +58,7 @@ AREAS = {
                'tests/test_sparse_dwconv_tile_wgrad.py', 'tests/test_sparse_dwconv_mma.py',
                'tests/test_sparse_encoder.py',
                'tests/test_fcmae.py', 'tests/test_sparse_mlp.py'],
-        suites=['fcmae'],
+        suites=['fcmae', 'sparse_dwconv'],
         budget=dict(install=30, build=150, tests=120, bench=170)),
     'maskrcnn': dict(
         tests=['tests/test_backbone.py', 'tests/test_mmdet.py',
