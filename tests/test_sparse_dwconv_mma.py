@@ -142,6 +142,9 @@ def test_mma_op_checks_name_the_argument():
     buf = torch.zeros(layout.num_rows * 16 + 1, dtype=torch.float16)
     with pytest.raises(RuntimeError, match='16-byte aligned'):
         ops.sparse_dwconv_mma_fwd(buf[1:].view(-1, 16), taps, None, halo)
+    hbuf = torch.zeros(halo.numel() + 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match='halo_rows must be 8-byte aligned'):
+        ops.sparse_dwconv_mma_fwd(f, taps, None, hbuf[1:].view_as(halo))
     with pytest.raises(RuntimeError, match=r'halo_rows must be a \[K, \(tile \+ 6\)\^2\]'):
         ops.sparse_dwconv_mma_fwd(f, taps, None, layout.tile_halo_rows(4))
 

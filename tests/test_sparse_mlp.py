@@ -166,8 +166,8 @@ def test_fused_mlp_runs_on_equal_counts_and_falls_back_otherwise(monkeypatch):
     assert not calls
     enc.mlp_impl = 'torch'
     ref, _ = enc.forward_sparse(x, mask, layouts)
-    for a, b in zip(fused, ref):
-        assert torch.equal(a, b)
+    for a, b in zip(fused, ref):  # the torch tail; the LayerNorms are Triton's (fp32)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     enc.mlp_impl = 'auto'  # CPU tensors: the torch code, even in the interpreter
     enc.forward_sparse(x, _equal_mask(2, 4))
     assert not calls

@@ -15,7 +15,8 @@ Forward (official FCMAE semantics, mask 1 = removed patch):
   sample, residual — all on compact rows ``[M, C]``; with ``mlp_impl``
   resolving to ``'triton'`` and equal visible counts per sample, everything
   after the LN runs on the dense fused block's ops over the (N, p, C) view of
-  the rows (:mod:`convnextv2_fast.sparse.mlp`);
+  the rows (:mod:`convnextv2_fast.sparse.mlp`) and every LN is one Triton
+  pass each way (:mod:`convnextv2_fast.sparse.ln`);
 * downsample: LN on rows, then the 2x2/s2 conv as a GEMM on the gathered fully
   visible 2x2 blocks.
 
@@ -53,7 +54,9 @@ class SparseConvNeXtV2(BaseModule):
     ops on the (N, p, C) view of the rows (:mod:`convnextv2_fast.sparse.mlp`)
     at stages where every sample has the same number p of visible rows
     (always, with FCMAE's fixed ``len_keep``), the torch code elsewhere;
-    resolved per call by :func:`resolve_mlp_impl`.  ``out_indices``: stages
+    resolved per call by :func:`resolve_mlp_impl`; with 'triton' the stem,
+    block and downsample LayerNorms run as one Triton pass each way
+    (:mod:`convnextv2_fast.sparse.ln`) at every stage.  ``out_indices``: stages
     returned by :meth:`forward` (default: the last).
     """
 
@@ -129,12 +132,12 @@ class SparseConvNeXtV2(BaseModule):
         patches = x.reshape(n, cin, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(-1, cin * p * p).index_select(0, layouts[0].site_long())
         rows = F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
-        rows = F.layer_norm(rows, (rows.shape[1], ), ln.weight, ln.bias, ln.eps)
+        rows = self._ln(ln, rows, feeds_gemm=False)  # the residual stream
         outs = []
         for i, stage in enumerate(self.stages):
             if i >= 1:
                 ln, conv = self.downsample_layers[i]
-                rows = F.layer_norm(rows, (rows.shape[1], ), ln.weight, ln.bias, ln.eps)
+                rows = self._ln(ln, rows, feeds_gemm=True)
                 idx = layouts[i].down_index(layouts[i - 1])
                 gathered = rows.index_select(0, idx.reshape(-1)).reshape(idx.shape[0], -1)
                 wmat = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
@@ -148,7 +151,7 @@ class SparseConvNeXtV2(BaseModule):
                layout: StageLayout) -> torch.Tensor:
         y = sparse_dwconv7x7(rows, blk.depthwise_conv.weight, blk.depthwise_conv.bias,
                              layout, impl=self.dwconv_impl)
-        y = F.layer_norm(y, (y.shape[1], ), blk.norm.weight, blk.norm.bias, blk.norm.eps)
+        y = self._ln(blk.norm, y, feeds_gemm=True)
         if layout.equal_counts and resolve_mlp_impl(self.mlp_impl, rows.device) == 'triton':
             return self._mlp_fused(blk, rows, y, layout)
         y = blk.pointwise_conv1(y)
@@ -163,6 +166,22 @@ class SparseConvNeXtV2(BaseModule):
                                          blk.drop_prob).view(-1)
             y = y.div(keep) * sample_keep.index_select(0, layout.sample)[:, None]
         return rows + y
+
+    def _ln(self, ln, rows: torch.Tensor, feeds_gemm: bool) -> torch.Tensor:
+        """LayerNorm of the rows over C: with ``mlp_impl`` resolving to
+        'triton', one Triton pass each way (:mod:`convnextv2_fast.sparse.ln`);
+        where the output only feeds a GEMM (``feeds_gemm``: the block's LN
+        before pw1, the downsample LNs before their convs) it is written in
+        the autocast dtype that GEMM casts it to anyway -- the torch path's
+        values without its fp32 round trip; else ``F.layer_norm``."""
+        if ln.weight is None or ln.bias is None or \
+                resolve_mlp_impl(self.mlp_impl, rows.device) != 'triton':
+            return F.layer_norm(rows, (rows.shape[1], ), ln.weight, ln.bias, ln.eps)
+        from ..sparse.ln import sparse_layer_norm
+        dt = rows.device.type
+        out = (torch.get_autocast_dtype(dt) if feeds_gemm and torch.is_autocast_enabled(dt)
+               else None)
+        return sparse_layer_norm(rows, ln.weight, ln.bias, ln.eps, out)
 
     def _mlp_fused(self, blk: ConvNeXtV2Block, rows: torch.Tensor, z: torch.Tensor,
                    layout: StageLayout) -> torch.Tensor:

@@ -100,6 +100,8 @@ int64_t check_sparse_dwconv_mma_args(const at::Tensor& feats, const at::Tensor& 
               "vectors), got ", feats.size(1));
   TORCH_CHECK(reinterpret_cast<uintptr_t>(feats.const_data_ptr()) % 16 == 0, op,
               ": feats must be 16-byte aligned");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(halo_rows.const_data_ptr()) % 8 == 0, op,
+              ": halo_rows must be 8-byte aligned (pairs of rows are one load)");
   return K;
 }
 
