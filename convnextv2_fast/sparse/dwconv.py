@@ -106,6 +106,15 @@ def conv_tile(layout: StageLayout, tile: Optional[int] = None,
 MMA_DTYPES = (torch.float16, torch.bfloat16)  # dtypes of the tensor-core tile path
 
 
+def _has_mma_16816(device: torch.device) -> bool:
+    """Compute capability 8.0+ (mma.sync.m16n8k16); True where no driver can
+    answer (fake CUDA tensors of the models on a CPU machine stand for a Hopper)."""
+    try:
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    except (RuntimeError, AssertionError):
+        return True
+
+
 def conv_mma(x: torch.Tensor, tile: int, mma: Optional[bool] = None) -> bool:
     """Whether the forward / input gradient on the path ``tile`` runs the
     tensor-core op ``sparse_dwconv_mma_fwd`` (8x8 tiles, fp16/bf16, C % 8 == 0,
@@ -117,7 +126,7 @@ def conv_mma(x: torch.Tensor, tile: int, mma: Optional[bool] = None) -> bool:
     ok = (tile == 8 and x.dtype in MMA_DTYPES and x.dim() == 2 and x.shape[1] % 8 == 0
           and x.storage_offset() * x.element_size() % 16 == 0)
     if mma is None:
-        return ok and x.device.type == 'cuda'
+        return ok and x.device.type == 'cuda' and _has_mma_16816(x.device)
     if mma and not ok:
         raise ArgumentError('the tensor-core path needs tile 8, float16/bfloat16 feats with '
                             f'C % 8 == 0 and 16-byte aligned rows; got tile {tile}, '

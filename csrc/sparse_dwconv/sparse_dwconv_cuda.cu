@@ -189,6 +189,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sparse_dwconv_mma_fwd_kernel(
     const int32_t* __restrict__ halo_rows,  // [K, 196] halo rows of the 8x8 tiles, -1 = absent
     T* __restrict__ out,                    // [M, C]
     int K, int C, int pairs_per_cta) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync.m16n8k16 needs sm_80+; the host never launches it below
+#else
   using namespace sdw;
   __shared__ __align__(16) T xs[kMmaXsElems];
   uint32_t* ys = reinterpret_cast<uint32_t*>(xs);  // the results, after the MMAs
@@ -265,6 +268,7 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sparse_dwconv_mma_fwd_kernel(
       store_vec<uint32_t, 4>(reinterpret_cast<uint32_t*>(out + m * C + c0), w);
     }
   }
+#endif
 }
 
 template <typename T, int V>
@@ -507,6 +511,9 @@ at::Tensor sparse_dwconv_mma_fwd_cuda(const at::Tensor& feats, const at::Tensor&
   const int64_t K = check_sparse_dwconv_mma_args(feats, taps, bias, halo_rows);
   TORCH_CHECK(feats.is_cuda(), "sparse_dwconv_mma_fwd_cuda: feats must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(feats.device());
+  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major >= 8,
+              "sparse_dwconv_mma_fwd_cuda: needs compute capability 8.0 or newer "
+              "(mma.sync.m16n8k16); use the FFMA tile path (mma=False)");
   const bool has_bias = bias.has_value() && bias->defined();
   auto out = at::empty_like(feats);
   const int C = static_cast<int>(feats.size(1));
