@@ -29,6 +29,7 @@ if ROOT not in sys.path:
 
 from benchmarks import common, shapes  # noqa: E402
 from benchmarks import model_sparse_dwconv as msd  # noqa: E402
+from convnextv2_fast._ext import extension_status  # noqa: E402
 from convnextv2_fast._timing import time_fn  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
@@ -116,7 +117,13 @@ def run(N: int, stages, dtype: torch.dtype, device: torch.device, warmup: int, i
 
 def run_suite(smoke: bool, device: torch.device, providers, progress=None):
     """Entry in the shape of benchmarks/run.py's suites (providers: the paths are
-    the suite's providers, all of them always)."""
+    the suite's providers, all of them always).  No rows without the compiled
+    extension (e.g. the Triton-cache warmer's interpreter: nothing to warm)."""
+    loaded, why = extension_status()
+    if not loaded:
+        print(f'sparse_dwconv suite: skipped, the compiled extension is {why}',
+              file=sys.stderr)
+        return []
     if smoke or device.type != 'cuda':
         return run(2, (0, ), torch.float16, device, warmup=1, iters=2, progress=progress)
     return run(shapes.FCMAE_BATCH, (0, 1, 2, 3), torch.bfloat16, device, warmup=10,
