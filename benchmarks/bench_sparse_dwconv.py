@@ -32,6 +32,7 @@ from benchmarks import model_sparse_dwconv as msd  # noqa: E402
 from convnextv2_fast._ext import extension_status  # noqa: E402
 from convnextv2_fast._timing import time_fn  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
+from convnextv2_fast.sparse.dwconv import TILES, mma_applies  # noqa: E402
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 COLUMNS = ['stage', 'pass', 'path', 'dtype', 'M', 'C', 'median_us', 'hbm_floor_us',
@@ -48,8 +49,8 @@ def _hw(device: torch.device) -> dict:
 
 def _paths(dtype: torch.dtype, C: int):
     """(name, tile, mma) of every path of the forward for this dtype."""
-    out = [('gather', 0, False)] + [(f'tile{t}', t, False) for t in (2, 4, 8)]
-    if dtype in msd.MMA_DTYPES and C % 8 == 0:
+    out = [('gather', 0, False)] + [(f'tile{t}', t, False) for t in TILES]
+    if mma_applies(8, dtype, C):
         out.append(('mma8', 8, True))
     return out
 

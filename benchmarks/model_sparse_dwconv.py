@@ -82,7 +82,7 @@ if ROOT not in sys.path:
 
 from benchmarks import shapes  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
-from convnextv2_fast.sparse.dwconv import MMA_DTYPES, TILES, conv_tile  # noqa: E402
+from convnextv2_fast.sparse.dwconv import MMA_DTYPES, TILES, conv_tile, mma_applies  # noqa: E402
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 H200 = dict(hbm_Bps=4.8e12, l2_Bps=8.0e12, sms=132, clk_hz=1.98e9, issue_per_clk=4,
@@ -336,12 +336,12 @@ def model_layout_pass(kind: str, lay, C: int, dtype: torch.dtype, tile: int, hw=
     """One pass (``'fwd'``, ``'dgrad'`` or ``'wgrad'``) of the conv on the path
     ``tile`` (0 = the gather) for the real layout ``lay`` (a ``StageLayout``);
     forward / input gradient on tensor cores where ``mma`` says so (None: where
-    ``conv_mma`` takes it on CUDA: tile 8, fp16/bf16, C % 8 == 0)."""
+    ``conv_mma`` takes it on CUDA: ``mma_applies``)."""
     if kind == 'wgrad' and tile:
         return model_tile_wgrad_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile,
                                      hw)
     if mma is None:
-        mma = tile == 8 and dtype in MMA_DTYPES and C % 8 == 0
+        mma = mma_applies(tile, dtype, C)
     if mma:
         return model_mma_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(8), hw)
     if tile:

@@ -88,9 +88,9 @@ def test_encoder_ln_dtypes_under_autocast(monkeypatch):
 
     monkeypatch.setattr(ln_mod, 'sparse_layer_norm', spy)
     enc = SparseConvNeXtV2(arch='atto', mlp_impl='triton', dwconv_impl='torch').eval()
-    x = torch.randn(1, 3, 64, 64)
-    mask = torch.zeros(1, 2, 2)
-    mask[0, 0, 0] = 1
+    x = torch.randn(2, 3, 64, 96)  # batch 2, H != W
+    mask = torch.zeros(2, 2, 3)
+    mask[:, 0, 0] = 1
     with torch.autocast('cpu', dtype=torch.float16):
         enc.forward_sparse(x, mask)
     # stem, then per stage: (downsample LN for i >= 1) + one LN per block

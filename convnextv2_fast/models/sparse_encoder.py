@@ -177,11 +177,10 @@ class SparseConvNeXtV2(BaseModule):
         if ln.weight is None or ln.bias is None or \
                 resolve_mlp_impl(self.mlp_impl, rows.device) != 'triton':
             return F.layer_norm(rows, (rows.shape[1], ), ln.weight, ln.bias, ln.eps)
+        from ..ops.fused_block import compute_dtype_for
         from ..sparse.ln import sparse_layer_norm
-        dt = rows.device.type
-        out = (torch.get_autocast_dtype(dt) if feeds_gemm and torch.is_autocast_enabled(dt)
-               else None)
-        return sparse_layer_norm(rows, ln.weight, ln.bias, ln.eps, out)
+        return sparse_layer_norm(rows, ln.weight, ln.bias, ln.eps,
+                                 compute_dtype_for(rows) if feeds_gemm else None)
 
     def _mlp_fused(self, blk: ConvNeXtV2Block, rows: torch.Tensor, z: torch.Tensor,
                    layout: StageLayout) -> torch.Tensor:

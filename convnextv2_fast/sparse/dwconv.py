@@ -115,15 +115,22 @@ def _has_mma_16816(device: torch.device) -> bool:
         return True
 
 
+def mma_applies(tile: int, dtype: torch.dtype, C: int) -> bool:
+    """The shapes and dtypes the tensor-core op takes (8x8 tiles, fp16/bf16,
+    C % 8 == 0); :func:`conv_mma` adds alignment and device, the sparse dwconv
+    model (benchmarks/model_sparse_dwconv.py) uses it as is."""
+    return tile == 8 and dtype in MMA_DTYPES and C % 8 == 0
+
+
 def conv_mma(x: torch.Tensor, tile: int, mma: Optional[bool] = None) -> bool:
     """Whether the forward / input gradient on the path ``tile`` runs the
     tensor-core op ``sparse_dwconv_mma_fwd`` (8x8 tiles, fp16/bf16, C % 8 == 0,
     16-byte aligned rows) instead of the FFMA tile op: ``mma`` when given (True
     also on CPU, where the C++ twin emulates the kernel's ldmatrix / mma.sync),
-    else on CUDA wherever it applies.  Model (benchmarks/model_sparse_dwconv.py,
-    V2-B 224^2 mask 0.6 bf16, H200, not a GPU measurement): stage-1 forward
-    3.0x -> see the README for the x HBM floor of each path."""
-    ok = (tile == 8 and x.dtype in MMA_DTYPES and x.dim() == 2 and x.shape[1] % 8 == 0
+    else on CUDA wherever it applies (compute capability 8.0+).  Model
+    (benchmarks/model_sparse_dwconv.py, V2-B 224^2 mask 0.6 bf16, H200, not a
+    GPU measurement): stage-1 forward 3.0x -> 1.95x its HBM floor."""
+    ok = (x.dim() == 2 and mma_applies(tile, x.dtype, x.shape[1])
           and x.storage_offset() * x.element_size() % 16 == 0)
     if mma is None:
         return ok and x.device.type == 'cuda' and _has_mma_16816(x.device)

@@ -61,6 +61,11 @@ namespace convnextv2_fast {
 using sdw::kTaps;
 using sdw::kWgradRowsPerChunk;
 
+// fp16 / bf16: the dtypes of the tensor-core path (both twins).
+#define CNX_DISPATCH_HALF_BF16(TYPE, NAME, ...)                           \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 // Calls f(std::integral_constant<int, V>{}) for the runtime vector width v, one of Vs.
 template <int... Vs, typename F>
 void dispatch_vec(int v, F&& f) {

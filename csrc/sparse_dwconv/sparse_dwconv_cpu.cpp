@@ -299,7 +299,6 @@ void emulate_mma_16816(const T (&a)[32][4][2], const T (&b)[32][4], float (&d)[3
     }
 }
 
-
 // The CUDA kernel's work, one (tile pair, 32-channel group) per task, with the
 // kernel's staging (mma_stage_taps, mma_stage), fragments (mma_a_row_index via
 // the emulated ldmatrix, mma_b_frag), bias init and epilogue map (mma_c_pos,
@@ -352,6 +351,7 @@ void mma_fwd_twin(const at::Tensor& feats, const at::Tensor& taps, const at::Ten
 }
 
 }  // namespace
+
 at::Tensor sparse_dwconv_mma_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
                                      const c10::optional<at::Tensor>& bias,
                                      const at::Tensor& halo_rows) {
@@ -361,14 +361,10 @@ at::Tensor sparse_dwconv_mma_fwd_cpu(const at::Tensor& feats, const at::Tensor& 
   auto out = at::empty_like(feats);
   const int C = static_cast<int>(feats.size(1));
   if (K == 0 || feats.size(0) == 0) return out;
-  AT_DISPATCH_SWITCH(feats.scalar_type(), "sparse_dwconv_mma_fwd_cpu",
-                     AT_DISPATCH_CASE(at::kHalf, [&] {
+  CNX_DISPATCH_HALF_BF16(feats.scalar_type(), "sparse_dwconv_mma_fwd_cpu", [&] {
     mma_fwd_twin<scalar_t>(feats, taps, has_bias ? &*bias : nullptr, halo_rows, out,
                            static_cast<int>(K), C);
-  }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
-    mma_fwd_twin<scalar_t>(feats, taps, has_bias ? &*bias : nullptr, halo_rows, out,
-                           static_cast<int>(K), C);
-  }));
+  });
   return out;
 }
 

@@ -70,11 +70,6 @@ constexpr int kTileWgradThreads = 128;  // upper bound: kTileCh * kWgradWarps <=
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// fp16 / bf16 (the tensor-core path).
-#define CNX_DISPATCH_HALF_BF16(TYPE, NAME, ...)                           \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 using sdw::kMmaThreads;  // threads per CTA of the tensor-core kernel (launch and bounds)
 
 struct Launch {
@@ -176,11 +171,12 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 // sparse_dwconv_mma.h).  One CTA = kMmaCh channels x a run of `pairs_per_cta`
 // tile pairs; 8 warps, warp w owns channels 4w .. 4w + 3 and keeps their 7 B
 // fragments (the banded taps) in 56 registers for the whole run.  Per pair:
-// stage both halos (784 tasks: two 16-byte loads + 8 word stores each, the
-// transpose to channel-major), then per channel 7 x (ldmatrix.x4 + mma) into 4
-// fp32 accumulators initialised with the bias, the bf16/fp16 results packed two
-// channels a word into ys, and 512 tasks store 16-byte vectors of 8 channels to
-// the visible own pixels.  Shared memory (static): xs 28.7 KB + ys 8.7 KB.
+// stage both halos (896 tasks: two 16-byte loads + 8 word stores each, the
+// transpose to channel-major, the k padding included), then per channel 7 x
+// (ldmatrix.x4 + mma) into 4 fp32 accumulators initialised with the bias, the
+// bf16/fp16 results packed two channels a word into ys (aliasing xs), and 512
+// tasks store 16-byte vectors of 8 channels to the visible own pixels.  Shared
+// memory (static): xs 43 KB.
 template <typename T>
 __global__ void __launch_bounds__(kMmaThreads, 2) sparse_dwconv_mma_fwd_kernel(
     const T* __restrict__ x,                // [M, C] feats (or grad_out for the input grad)
@@ -215,13 +211,12 @@ __global__ void __launch_bounds__(kMmaThreads, 2) sparse_dwconv_mma_fwd_kernel(
     }
     binit[ch] = (bias != nullptr && c < C) ? static_cast<float>(bias[c]) : 0.f;
   }
-  __syncthreads();
   constexpr int kSlots = (kMmaStageTasks + kMmaThreads - 1) / kMmaThreads;
   const int pairs = (K + 1) / 2;
   const int p1 = min(pairs, (blockIdx.x + 1) * pairs_per_cta);
   for (int p = blockIdx.x * pairs_per_cta; p < p1; ++p) {
     const int k0 = 2 * p;
-    __syncthreads();  // the previous pair's xs / ys reads are done
+    __syncthreads();  // the B-fragment (first pair) or previous pair's xs / ys reads are done
     CNX_UNROLL
     for (int j = 0; j < kSlots; ++j)
       if (tid + j * kMmaThreads < kMmaStageTasks)

@@ -30,8 +30,8 @@
 // groups and ldmatrix has no bank conflicts, and the address of row R + dy is
 // an immediate offset); 8-channel groups are skewed by 32 B, so the 32 word
 // stores of a staging warp-iteration (8 column pairs x 4 groups, one halo row)
-// hit 32 different banks.  Columns 14, 15
-// are zero.  After the MMAs the same buffer holds the bf16/fp16 results (ys).
+// hit 32 different banks.  Columns 14, 15 are zero.  After the MMAs the same
+// buffer holds the bf16/fp16 results (ys).
 #pragma once
 #include <cstdint>
 
@@ -81,7 +81,8 @@ CNX_HD int mma_a_row_index(int lane, int cl, int dy) {
 // every B-fragment value is one unconditional load (ws aliases xs before the
 // first halo is staged on the GPU).
 constexpr int kMmaWsPitch = 24;
-constexpr int kMmaWsElems = kMmaCh * 7 * kMmaWsPitch;  // 5376 (<= kMmaXsElems)
+constexpr int kMmaWsElems = kMmaCh * 7 * kMmaWsPitch;  // 5376
+static_assert(kMmaWsElems <= kMmaXsElems, "ws must fit in xs");
 
 CNX_HD int ws_index(int cl, int dy, int e) { return (cl * 7 + dy) * kMmaWsPitch + e; }
 
