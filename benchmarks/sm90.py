@@ -240,26 +240,41 @@ class SassInstr:
     addr: int
     op: str  # opcode with modifiers, e.g. 'HGMMA.64x128x16.F32.BF16'
     text: str
-    line: Optional[int]  # source line (from -lineinfo), if known
+    line: Optional[int]  # source line (from -lineinfo), if known: innermost
     file: Optional[str]
+    # every source frame of the instruction, innermost first: the inlined
+    # helper's line, then each call site out to the kernel's own line
+    frames: tuple = ()
+
+
+_FRAME = re.compile(r'//## File "([^"]+)", line (\d+)'
+                    r'(?: inlined at "([^"]+)", line (\d+))?')
 
 
 def disassemble(cubin_path: str) -> List[SassInstr]:
-    """SASS of a cubin via ``nvdisasm -c -g`` (with source lines)."""
-    txt = _run_tool('nvdisasm', '-c', '-g', cubin_path)
-    out, line, file = [], None, None
+    """SASS of a cubin via ``nvdisasm -c -g -gi`` (with source lines and
+    their inlining chains)."""
+    txt = _run_tool('nvdisasm', '-c', '-g', '-gi', cubin_path)
+    out, frames, fresh = [], [], True
     for raw in txt.splitlines():
-        m = re.search(r'//## File "([^"]+)", line (\d+)', raw)
-        if m:
-            file, line = m.group(1), int(m.group(2))
+        m = _FRAME.search(raw)
+        if m:  # a block of these lines: innermost frame first
+            if fresh:
+                frames, fresh = [], False
+            for f, ln in ((m.group(1), m.group(2)), (m.group(3), m.group(4))):
+                if f and (f, int(ln)) not in frames:
+                    frames.append((f, int(ln)))
             continue
         m = re.match(r'\s*/\*([0-9a-f]{4,})\*/\s+(.*?);', raw)
         if not m:
             continue
+        fresh = True
         body = m.group(2).strip()
         body = re.sub(r'^@!?U?P\w+\s+', '', body)  # predicate guard
         op = body.split()[0] if body else ''
-        out.append(SassInstr(int(m.group(1), 16), op, body, line, file))
+        file, line = frames[0] if frames else (None, None)
+        out.append(SassInstr(int(m.group(1), 16), op, body, line, file,
+                             tuple(frames)))
     return out
 
 
@@ -292,62 +307,188 @@ def _labels(cubin_path: str) -> Dict[str, int]:
 
 def sass_loops(instrs: List[SassInstr],
                labels: Dict[str, int]) -> List[dict]:
-    """Loops as backward branches: [{start, end, lines}] (addresses)."""
-    loops = []
+    """Loops as backward branches: [{start, end, frames}] (addresses; the
+    source frames of each instruction of the loop's OWN body -- not inside
+    a loop nested in it -- that has any)."""
+    spans = []
     for ins in instrs:
         tgt = _branch_target(ins, labels)
         # (a branch to itself is the trailing ``BRA self`` after EXIT)
         if tgt is not None and tgt < ins.addr:
-            body = [i for i in instrs if tgt <= i.addr <= ins.addr]
-            loops.append(dict(start=tgt, end=ins.addr,
-                              lines=[(i.file, i.line) for i in body
-                                     if i.line is not None]))
+            spans.append((tgt, ins.addr))
+    loops = []
+    for a, b in spans:
+        inner = [(c, d) for c, d in spans if a <= c and d <= b and
+                 (c, d) != (a, b)]
+        own = [i for i in instrs if a <= i.addr <= b and
+               not any(c <= i.addr <= d for c, d in inner)]
+        loops.append(dict(start=a, end=b,
+                          frames=[i.frames for i in own if i.frames]))
     return loops
 
 
-def _source_range_loops(file: str) -> List[dict]:
-    """``for ... in range(...)`` / ``tl.range(...)`` loops of a source file
-    (static_range is unrolled by Triton and never becomes a SASS loop)."""
+@functools.lru_cache(maxsize=None)
+def _source_tree(file: str):
     try:
         with open(file) as f:
-            tree = ast.parse(f.read())
-    except (OSError, SyntaxError):
+            return ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _source_range_loops(file: str) -> List[dict]:
+    """``for ... in range(...)`` / ``tl.range(...)`` loops of a source file
+    (static_range is unrolled by Triton and never becomes a SASS loop), each
+    with the function that contains it."""
+    tree = _source_tree(file)
+    if tree is None:
         return []
     out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.For) and isinstance(node.iter, ast.Call):
-            fn = node.iter.func
-            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(
-                fn, 'id', '')
-            if name == 'range':
-                out.append(dict(first=node.lineno, last=node.end_lineno,
-                                args=node.iter.args))
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.For) and isinstance(node.iter, ast.Call):
+                f = node.iter.func
+                name = f.attr if isinstance(f, ast.Attribute) else getattr(
+                    f, 'id', '')
+                if name == 'range':
+                    out.append(dict(first=node.lineno, last=node.end_lineno,
+                                    args=node.iter.args, func=fn))
     return out
 
 
-def _trip_count(loop: dict, args: Dict[str, object]) -> Optional[int]:
-    """Trip count of a SASS loop: the innermost Python ``range`` loop that
-    encloses most of the loop's source lines, its bounds evaluated with the
-    launch's argument values (scalar args and constexprs, by name).  None
-    when no such loop is found or its bounds use local variables."""
-    if not loop['lines']:
-        return None
+def _source_loop_of(loop: dict):
+    """The Python ``range`` loop a SASS loop runs, and the source frames
+    from it outwards (its line, then each call site up to the kernel).
+    Candidates are the loops that enclose at least half of the SASS loop's
+    own instructions through ANY frame of their inlining chains (a helper's
+    lines count for the loop around its call site); of those the innermost:
+    hit through the shallowest frames (a loop inside an inlined helper is
+    inside the caller's loop around the call), then the shortest.
+    (None, None) when there is none."""
     counts: Dict[tuple, int] = {}
-    for fl in loop['lines']:
-        counts[fl] = counts.get(fl, 0) + 1
-    file, line = max(counts, key=counts.get)
-    cands = [s for s in _source_range_loops(file)
-             if s['first'] <= line <= s['last']]
-    if not cands:
+    depth: Dict[tuple, int] = {}
+    by_key, chain = {}, {}
+    for frames in loop['frames']:
+        hit = {}
+        for d, (file, line) in enumerate(frames):
+            for i, s in enumerate(_source_range_loops(file)):
+                if s['first'] <= line <= s['last'] and (file, i) not in hit:
+                    hit[(file, i)] = d
+                    by_key[(file, i)] = s
+                    chain.setdefault((file, i), frames[d:])
+        for k, d in hit.items():
+            counts[k] = counts.get(k, 0) + 1
+            depth[k] = depth.get(k, 0) + d
+    if not counts:
+        return None, None
+    need = min(max(counts.values()), 0.5 * len(loop['frames']))
+    k = min((k for k, v in counts.items() if v >= need),
+            key=lambda k: (depth[k] / counts[k],
+                           by_key[k]['last'] - by_key[k]['first']))
+    return by_key[k], chain[k]
+
+
+def _function_at(file: str, line: int):
+    """The innermost function definition of ``file`` containing ``line``."""
+    tree = _source_tree(file)
+    best = None
+    for fn in ast.walk(tree) if tree is not None else ():
+        if isinstance(fn, ast.FunctionDef) and \
+                fn.lineno <= line <= fn.end_lineno and \
+                (best is None or fn.lineno > best.lineno):
+            best = fn
+    return best
+
+
+# what a loop bound may call: program ids are those of program 0 (the
+# busiest program of a grid-stride or split loop: it runs the most trips)
+_BOUND_CALLS = dict(program_id=lambda *a, **k: 0, cdiv=lambda a, b: -(-a // b),
+                    minimum=min, maximum=max, min=min, max=max)
+_BOUND_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+              ast.Mult: lambda a, b: a * b, ast.FloorDiv: lambda a, b: a // b,
+              ast.Mod: lambda a, b: a % b}
+
+
+class _Unresolved(Exception):
+    pass
+
+
+def _eval_bound(node, ctx, args: Dict[str, object], depth=0):
+    """Value of a loop-bound expression.  ``ctx``: [(function, line), ...]
+    from the loop's function out to the kernel (the call sites of inlined
+    helpers).  A name is its last plain assignment in the function before
+    the line; else a helper's parameter is the call site's argument (in the
+    caller's context); else, in the kernel, the launch argument of that
+    name (scalars and constexprs).  ``tl.program_id`` is 0; a few integer
+    helpers; anything loaded raises :class:`_Unresolved`."""
+    if depth > 40 or not ctx:
+        raise _Unresolved
+    fn, before = ctx[0]
+    ev = functools.partial(_eval_bound, ctx=ctx, args=args, depth=depth + 1)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int,
+                                                                  float)):
+        return node.value
+    if isinstance(node, ast.Name):
+        assigned = [a for a in ast.walk(fn) if isinstance(a, ast.Assign) and
+                    a.lineno < before and len(a.targets) == 1 and
+                    isinstance(a.targets[0], ast.Name) and
+                    a.targets[0].id == node.id]
+        if assigned:
+            a = max(assigned, key=lambda a: a.lineno)
+            return _eval_bound(a.value, [(fn, a.lineno)] + ctx[1:], args,
+                               depth + 1)
+        params = [p.arg for p in fn.args.args]
+        if node.id in params and len(ctx) > 1:  # a helper's parameter
+            caller, line = ctx[1]
+            calls = [c for c in ast.walk(caller) if isinstance(c, ast.Call)
+                     and c.lineno <= line <= c.end_lineno and
+                     getattr(c.func, 'id', getattr(c.func, 'attr', None))
+                     == fn.name]
+            if len(calls) != 1:
+                raise _Unresolved
+            call = calls[0]
+            kw = {k.arg: k.value for k in call.keywords}
+            i = params.index(node.id)
+            arg = kw.get(node.id, call.args[i] if i < len(call.args)
+                         else None)
+            if arg is None:
+                raise _Unresolved
+            return _eval_bound(arg, ctx[1:], args, depth + 1)
+        if len(ctx) == 1 and node.id in args:
+            return args[node.id]
+        raise _Unresolved
+    if isinstance(node, ast.BinOp) and type(node.op) in _BOUND_OPS:
+        return _BOUND_OPS[type(node.op)](ev(node.left), ev(node.right))
+    if isinstance(node, ast.Call):
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else getattr(f, 'id', '')
+        if name not in _BOUND_CALLS:
+            raise _Unresolved
+        return _BOUND_CALLS[name](*[ev(a) for a in node.args])
+    raise _Unresolved
+
+
+def _trip_count(loop: dict, args: Dict[str, object]) -> Optional[int]:
+    """Trip count of a SASS loop: its Python ``range`` loop
+    (:func:`_source_loop_of`), the bounds evaluated by
+    :func:`_eval_bound` with the launch's argument values.  None when no
+    loop is found or a bound depends on loaded data."""
+    src, chain = _source_loop_of(loop)
+    if src is None:
         return None
-    src = min(cands, key=lambda s: s['last'] - s['first'])
-    ns = dict(args, cdiv=lambda a, b: -(-a // b))
+    ctx = [(src['func'], src['first'])]
+    for file, line in chain[1:]:  # call sites, outwards
+        fn = _function_at(file, line)
+        if fn is None:
+            break
+        ctx.append((fn, line))
     try:
-        vals = [eval(compile(ast.Expression(a), '<range>', 'eval'),
-                     {'__builtins__': {}}, ns) for a in src['args']]
-        r = range(*[int(v) for v in vals])
-        return len(r)
-    except Exception:
+        vals = [_eval_bound(a, ctx, args or {}) for a in src['args']]
+        return len(range(*[int(v) for v in vals]))
+    except (_Unresolved, TypeError, ValueError, ZeroDivisionError):
         return None
 
 
@@ -359,14 +500,16 @@ def sass_summary(cubin: bytes, args: Optional[Dict[str, object]] = None
     ``sass_instr_per_program``: DYNAMIC estimate per program (CTA) = the
     straight-line count plus, for each loop (a backward branch in the SASS),
     its body x (trip count - 1), nested loops multiplying.  Trip counts come
-    from the Python source: the ``range(...)`` loop whose lines (-lineinfo)
-    the SASS loop body maps to, evaluated with this launch's argument values
-    (``args``).  Approximate: both sides of every branch are counted (masked
-    tails, predicated code); a loop whose bound is not a plain expression of
-    the kernel's arguments counts once (``loops_unresolved``); a loop that
+    from the Python source: the ``range(...)`` loop that the SASS loop body's
+    source frames (-lineinfo with inlining chains) fall in, evaluated with
+    this launch's argument values (``args``), the kernel's local
+    assignments and program 0's ids (the busiest program of a grid-stride or
+    split loop: the busiest SM is what the model charges).  Approximate:
+    both sides of every branch are counted (masked tails, predicated code);
+    a loop whose bound depends on loaded data counts once
+    (``loops_unresolved``; the static gate requires none); a loop that
     ptxas unrolled (several source iterations per SASS trip) is
-    over-counted by the unroll factor; runtime loops are assumed to run the
-    same count in every program.  Counts are per warp: multiply by the warps
+    over-counted by the unroll factor.  Counts are per warp: multiply by the warps
     per program for the instructions an SM issues per program.
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -399,6 +542,8 @@ def sass_summary(cubin: bytes, args: Optional[Dict[str, object]] = None
 
 
 _RESOURCES: Dict[tuple, dict] = {}
+# bump when :func:`sass_summary` counts differently (its on-disk cache key)
+_SASS_SUMMARY_VERSION = 5
 
 
 def resources(compiled, args: Optional[Dict[str, object]] = None) -> dict:
@@ -432,7 +577,8 @@ def resources(compiled, args: Optional[Dict[str, object]] = None) -> dict:
     out['smem_B'] = out['smem_static_B'] + out['smem_dynamic_B']
     # the SASS summary is the slow part (nvdisasm): kept beside the cache
     side = _info_path(cubin)[:-5] + '-sass-' + hashlib.sha256(
-        repr(key[1]).encode()).hexdigest()[:16] + '.json'
+        repr((_SASS_SUMMARY_VERSION, key[1])).encode()).hexdigest()[:16] + \
+        '.json'
     if os.path.exists(side):
         with open(side) as f:
             summary = json.load(f)
@@ -733,7 +879,8 @@ def gate_failures(rows: List[dict], limits: dict = H100) -> List[str]:
     """Why each row (a :class:`Launch` row or a static-suite row) breaks the
     sm_90 resource gate: spill bytes, registers > 255 or > 64K per block,
     shared memory over the per-block maximum, a config that cannot be
-    resident.  Empty list = pass."""
+    resident, a SASS loop whose trip count the instrument could not resolve
+    (:func:`sass_summary`).  Empty list = pass."""
     bad = []
     for r in rows:
         ctx = ' '.join(str(r[k]) for k in ('shape', 'provider', 'phase',
@@ -762,6 +909,10 @@ def gate_failures(rows: List[dict], limits: dict = H100) -> List[str]:
                        f"{limits['smem_max_per_block']}")
         if r.get('programs_per_sm') == 0:
             why.append(f"not resident on an SM ({r.get('limiter')})")
+        if r.get('loops_unresolved'):
+            why.append(f"{r['loops_unresolved']} loop(s) with no trip count "
+                       '(counted once: the instruction estimate the model '
+                       'charges would be too low)')
         if why:
             bad.append(f'{where}: ' + '; '.join(why))
     return bad

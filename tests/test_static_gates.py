@@ -55,6 +55,44 @@ def spilling_launch():
     _spilling_kernel[(1, )](x, y, BLOCK=128, num_warps=1)
 
 
+# --------------------------------------------------------------------------
+# loop trip counts: a grid-stride loop (program-id start, a local bound), a
+# loop inside an inlined helper called in an outer loop, and a loop whose
+# bound is loaded data (unresolvable: counted once, and the gate says so)
+# --------------------------------------------------------------------------
+@triton.jit
+def _helper_rows(X, base, R, BLOCK: tl.constexpr):
+    acc = tl.zeros((BLOCK, ), dtype=tl.float32)
+    for i in range(R):
+        acc += tl.load(X + base + i * BLOCK + tl.arange(0, BLOCK))
+    return acc
+
+
+@triton.jit
+def _loops_kernel(X, Y, NT, G, NB, NR, BLOCK: tl.constexpr):
+    g = tl.program_id(0)
+    stop = NT - 1
+    acc = tl.zeros((BLOCK, ), dtype=tl.float32)
+    for t in range(g, stop, G):  # program 0: ceil((NT - 1) / G) trips
+        for b in range(0, NB, 2):  # ceil(NB / 2) trips, with a helper loop
+            acc += _helper_rows(X, (t * NB + b) * BLOCK, NR + 1, BLOCK)
+    n = tl.load(Y)  # data-dependent bound
+    for j in range(n.to(tl.int32)):
+        acc = acc * 0.5
+    tl.store(Y + tl.arange(0, BLOCK), acc)
+
+
+LOOPS_ARGS = dict(NT=13, G=4, NB=5, NR=4)
+LOOPS_TRIPS = sorted([5, 3, 3, -1])  # helper (NR + 1), b, t, data
+
+
+def loops_launch():
+    import torch
+    x = torch.empty((1 << 16, ), dtype=torch.float32)
+    y = torch.empty((128, ), dtype=torch.float32)
+    _loops_kernel[(4, )](x, y, **LOOPS_ARGS, BLOCK=128, num_warps=4)
+
+
 def _heavy_main(out_path):
     """Subprocess body: the static suite's rows + the spilling kernel."""
     from benchmarks import bench_static
@@ -63,10 +101,11 @@ def _heavy_main(out_path):
     rows = bench_static.run_suite(False, None, list(bench_static.PROVIDERS))
     t_suite = time.perf_counter() - t0
     spill = [L.row() for L in sm90.capture_launches(spilling_launch)]
-    for r in spill:
+    loops = [L.row() for L in sm90.capture_launches(loops_launch)]
+    for r in spill + loops:
         r.pop('compiled', None)
     with open(out_path, 'w') as f:
-        json.dump(dict(rows=rows, spill=spill, suite_s=t_suite,
+        json.dump(dict(rows=rows, spill=spill, loops=loops, suite_s=t_suite,
                        total_s=time.perf_counter() - t0), f, default=str)
 
 
@@ -138,6 +177,28 @@ def test_gate_fails_on_a_spilling_kernel(static_result):
     assert len(bad) == 1 and 'spills' in bad[0], bad
 
 
+@pytest.mark.slow
+def test_loop_trip_counts_resolve_through_helpers_and_program_ids(
+        static_result):
+    """The dynamic instruction estimate's trip counts: a loop in an inlined
+    helper is the helper's (not the caller's loop around the call), a
+    grid-stride loop starting at the program id runs program 0's count, a
+    bound through local assignments resolves, a loaded bound does not --
+    and the gate rejects a kernel with such a loop."""
+    (r, ) = static_result['loops']
+    trips = sorted(-1 if t is None else t for t in r['loop_trips'])
+    # t: range(0, 12, 4) for program 0 = 3; b: range(0, 5, 2) = 3;
+    # i: range(NR + 1) through the helper's parameter R = 5
+    assert trips == LOOPS_TRIPS, r['loop_trips']
+    assert r['loops_unresolved'] == 1
+    bad = sm90.gate_failures([r])
+    assert len(bad) == 1 and 'no trip count' in bad[0], bad
+    # every shipped kernel resolves all of its loops
+    unresolved = [(x['shape'], x['provider'], x['kernel'])
+                  for x in static_result['rows'] if x.get('loops_unresolved')]
+    assert not unresolved, unresolved
+
+
 def test_occupancy_rules():
     """H100 occupancy: register granularity, smem with the 1 KB reserve,
     warp and block limits, waves over 132 SMs."""
@@ -168,7 +229,8 @@ def test_gate_function_rejects_each_violation():
                       (dict(regs=255, num_warps=16), 'registers/block'),
                       (dict(smem_B=240 * 1024), 'shared memory'),
                       (dict(programs_per_sm=0), 'not resident'),
-                      (dict(num_warps=None), 'threads per block unknown')):
+                      (dict(num_warps=None), 'threads per block unknown'),
+                      (dict(loops_unresolved=1), 'no trip count')):
         msg = sm90.gate_failures([dict(ok, **bad)])
         assert len(msg) == 1 and word in msg[0], (bad, msg)
 

@@ -25,17 +25,25 @@ warps, stages and grids, for the host functions and for static checks):
   per-tile fp32 partial sums for the LN weight/bias and conv bias grads.
 - ``_dwconv_dgrad_kernel``: dx = the 7x7 conv of dy with the flipped kernel
   (+ the residual grad), channel blocks on grid axis 1.
-- ``_dwconv_wgrad_kernel``: ONE pass over dy and x: program (g, channel
-  block) visits tiles g, g+G, ...; each dy tile is loaded once and all 49
-  taps are accumulated into 49 fp32 [BC] register accumulators (a contiguity
-  hint of 1 on the channel index gives one channel per thread, so they cost
-  49 registers); the (G, 49, C) fp32 partials are summed by the host in a
-  fixed order (bit-reproducible).
+- ``_dwconv_wgrad_kernel``: ONE pass over dy and x, register-blocked: a
+  program (g, channel block) visits units g, g+G, ... of ROWS rows x S
+  column strips of TW pixels (one strip per warp, one channel per thread);
+  walking down a strip it keeps the 7 x rows that the current output row
+  reads in registers, so per row it loads one new x row (TW+6 values) and
+  one dy row (TW) for 49*TW FMAs into 49 fp32 accumulators; the (G, 49, C)
+  fp32 partials are summed by the host in a fixed order (bit-reproducible).
+  (Before: one load and a cross-thread sum per FMA -- ~5x the
+  instructions.)
 
 Every convolution (``_conv_block``) runs the 7 kernel rows as a runtime loop
 and the 7 columns unrolled: only one row's loads and addresses are live (the
 old fully unrolled 49 taps spilled 20-24 KB per thread in dgrad), and the 7
-column loads of a row hit the same cache lines.  Offsets are int32; a
+column loads of a row hit the same cache lines.  C is a constexpr (one
+compile per width) and each kernel row has ONE pointer tensor: the 7 column
+taps of x and of the weights are constant offsets from it, i.e. immediate
+offsets of the loads (no per-tap address arithmetic; ``EVEN_C``, C % BC ==
+0, drops the channel masks).  sm_90 SASS of the stage-3 forward's row loop:
+300 -> 199 instructions for the same 56 FFMAs.  Offsets are int32; a
 constexpr ``I64`` switches to int64 when M*C >= 2**31.
 
 Why channel blocks rather than full-C tiles for the LN kernels (register and
@@ -59,11 +67,11 @@ program requests from L2 after its own L1 reuse, i.e. its unique footprint):
 kernel     HBM (halo, taps, re-reads hit L2)    L2->SM (re-read factor of x/dy)
 =========  ===================================  ===============================
 fwd        s_x + s_c + 8/C                       3.06 s_x + 3.06 + s_c (3.06x)
-ln_bwd     s_x + 2 s_c + 8/C                     3.06 s_x + 3.06 + 3 s_c (3.06x)
+ln_bwd 4x8 s_x + 2 s_c + 8/C                     4.38 s_x + 6.1 + 3 s_c (4.38x)
 fwd 4x4    s_x + s_c + 8/C                       6.25 s_x + 12.25 + s_c (6.25x)
 bwd 4x4    s_x + 2 s_c + 8/C                     6.25 s_x + 12.25 + 3 s_c
 dgrad      s_c + 2 s_x (dy, dres, dx)            3.06 s_c + 3.06 + s_x (3.06x)
-wgrad      s_c + s_x + 196 G / M                 s_c + 4.4 s_x (4x8 tile, 4.4x)
+wgrad      s_c + s_x + 196 G / M                 s_c + 1.89 s_x (16x16 unit)
 =========  ===================================  ===============================
 
 Per-program reuse (model, not a GPU measurement): replaying one interior
@@ -82,14 +90,19 @@ from 65536 regs and 64 warps per SM):
 =======  ============================  ===================================
 kernel   stage 1 / 2, 3-4 (4x4 tile)   before this rebuild (stage 1 / 2-4)
 =======  ============================  ===================================
-fwd      64 (50%) / 95, 64 (25, 50%)   255 (12.5%) / 168-190 (12.5-19%)
-ln_bwd   64 (50%) / 114, 68 (25, 44%)  211 (12.5%) / 196-251 (12.5%)
-dgrad    53 (50%) / 80 (37.5%)         32 + 20-24 KB spill stores/thread
-wgrad    211 / 203 (12.5%)             96-128, 49 passes over dy and x
+fwd      71 (37.5%) / 73, 52 (37.5,    255 (12.5%) / 168-190 (12.5-19%)
+         56%)
+ln_bwd   56 / 89 (4x8 tiles), 54       211 (12.5%) / 196-251 (12.5%)
+         (56, 31, 56%)
+dgrad    54 (50%) / 72 (37.5%)         32 + 20-24 KB spill stores/thread
+wgrad    157-161 (18.75%)              96-128, 49 passes over dy and x
 =======  ============================  ===================================
 
-wgrad's 12.5% occupancy is the price of 49 accumulators plus the unrolled
-loads of 49 taps in flight (ILP instead of occupancy).
+ln_bwd takes 4x8 tiles (4 warps) where 8x8 would do: at 8x8 / 8 warps
+ptxas spilled 16 B of loop invariants at stage 2.  wgrad's 3 programs per
+SM are the price of 49 accumulators plus the 6-row x window (84 values) in
+registers; TW = 8 raises the row step's FFMA share from 59% to 67% but
+needs 215 registers (2 programs per SM).
 """
 import functools
 import math
@@ -132,35 +145,41 @@ def _row_base(n, hh, H, W, I64: tl.constexpr):
 
 
 @triton.jit
-def _conv_block(X, Wt, n, h, w, pmask, c, cmask, H, W, C,
+def _conv_block(X, Wt, n, h, w, pmask, c, cmask, H, W, C: tl.constexpr,
                 FLIP: tl.constexpr, I64: tl.constexpr, BP: tl.constexpr,
-                BC: tl.constexpr):
+                BC: tl.constexpr, EVEN_C: tl.constexpr):
     """fp32 [BP, BC] depthwise 7x7 conv (no bias) of one pixel tile x one
     channel block.  X: (M, C) NHWC; Wt: (49, C) fp32 taps (kh * 7 + kw).
     FLIP: the flipped kernel (dgrad: dx[q] = sum_k w[k] dy[q - (k - 3)]).
+    EVEN_C: C % BC == 0 (no channel mask).
 
     Kernel rows are a runtime loop (7 iterations), columns are unrolled: the
     7 loads of one row hit the same lines (L1), and only one row's loads and
-    addresses are live at a time (no spills)."""
+    addresses are live at a time (no spills).  One pointer tensor per row:
+    with C a constexpr the 7 column taps of x and of the weights are
+    constant offsets from it (immediate offsets of the loads, no per-tap
+    address arithmetic)."""
     acc = tl.zeros((BP, BC), dtype=tl.float32)
-    cm = cmask[None, :]
     for kh in range(7):
         if FLIP:
             hh = h - (kh - 3)
         else:
             hh = h + (kh - 3)
         hok = pmask & (hh >= 0) & (hh < H)
-        rb = _row_base(n, hh, H, W, I64)
+        xrow = X + ((_row_base(n, hh, H, W, I64) + w) * C)[:, None] + \
+            c[None, :]
+        wrow = Wt + kh * (7 * C) + c
         for kw in tl.static_range(7):
-            if FLIP:
-                ww = w - (kw - 3)
+            dw = (kw - 3) * (1 - 2 * FLIP)  # constexpr column offset
+            ok = hok & (w + dw >= 0) & (w + dw < W)
+            if EVEN_C:
+                xv = tl.load(xrow + dw * C, mask=ok[:, None], other=0.)
+                wv = tl.load(wrow + kw * C)
             else:
-                ww = w + (kw - 3)
-            ok = hok & (ww >= 0) & (ww < W)
-            xv = tl.load(X + (rb + ww)[:, None] * C + c[None, :],
-                         mask=ok[:, None] & cm, other=0.).to(tl.float32)
-            wv = tl.load(Wt + (kh * 7 + kw) * C + c, mask=cmask, other=0.)
-            acc += xv * wv[None, :]
+                xv = tl.load(xrow + dw * C, mask=ok[:, None] & cmask[None, :],
+                             other=0.)
+                wv = tl.load(wrow + kw * C, mask=cmask, other=0.)
+            acc += xv.to(tl.float32) * wv[None, :]
     return acc
 
 
@@ -174,9 +193,9 @@ def _dwconv_ln_fwd_kernel(
         Z,  # (M, C) out: normalised activations
         MEAN,  # (M,) fp32 out
         RSTD,  # (M,) fp32 out
-        H, W, C, eps,
+        H, W, C: tl.constexpr, eps,
         TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
-        I64: tl.constexpr):
+        I64: tl.constexpr, EVEN_C: tl.constexpr):
     BP: tl.constexpr = TH * TW
     n, h, w, pmask = _tile_pixels(tl.program_id(0), H, W, TH, TW)
     pix = _row_base(n, h, H, W, I64) + w
@@ -190,7 +209,7 @@ def _dwconv_ln_fwd_kernel(
         cmask = c < C
         m2d = pmask[:, None] & cmask[None, :]
         acc = _conv_block(X, Wt, n, h, w, pmask, c, cmask, H, W, C, False,
-                          I64, BP, BC)
+                          I64, BP, BC, EVEN_C)
         y = (acc + tl.load(B + c, mask=cmask, other=0.)[None, :]).to(
             Z.dtype.element_ty)
         tl.store(Z + pix[:, None] * C + c[None, :], y, mask=m2d)
@@ -233,9 +252,9 @@ def _dwconv_ln_bwd_kernel(
         RSTD,  # (M,) fp32
         DY,  # (M, C) out, DZ's dtype: grad of the conv output
         PART,  # (num_tiles, 3, C) fp32 out: sums of dz*xhat, dz, dy
-        H, W, C,
+        H, W, C: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
-        I64: tl.constexpr):
+        I64: tl.constexpr, EVEN_C: tl.constexpr):
     BP: tl.constexpr = TH * TW
     t = tl.program_id(0)
     n, h, w, pmask = _tile_pixels(t, H, W, TH, TW)
@@ -251,7 +270,7 @@ def _dwconv_ln_bwd_kernel(
         cmask = c < C
         m2d = pmask[:, None] & cmask[None, :]
         acc = _conv_block(X, Wt, n, h, w, pmask, c, cmask, H, W, C, False,
-                          I64, BP, BC)
+                          I64, BP, BC, EVEN_C)
         y = (acc + tl.load(B + c, mask=cmask, other=0.)[None, :]).to(
             DY.dtype.element_ty)
         tl.store(DY + pix[:, None] * C + c[None, :], y, mask=m2d)
@@ -293,17 +312,17 @@ def _dwconv_dgrad_kernel(
         Wt,  # (49, C) fp32 conv taps (flipped inside)
         RES,  # (M, C) residual grad added to the result (if HAS_RES)
         DX,  # (M, C) out: grad of the conv input
-        H, W, C,
+        H, W, C: tl.constexpr,
         HAS_RES: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
-        I64: tl.constexpr):
+        I64: tl.constexpr, EVEN_C: tl.constexpr):
     BP: tl.constexpr = TH * TW
     n, h, w, pmask = _tile_pixels(tl.program_id(0), H, W, TH, TW)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     cmask = c < C
     m2d = pmask[:, None] & cmask[None, :]
     acc = _conv_block(DY, Wt, n, h, w, pmask, c, cmask, H, W, C, True, I64,
-                      BP, BC)
+                      BP, BC, EVEN_C)
     off = (_row_base(n, h, H, W, I64) + w)[:, None] * C + c[None, :]
     if HAS_RES:
         acc += tl.load(RES + off, mask=m2d, other=0.).to(tl.float32)
@@ -315,40 +334,80 @@ def _dwconv_wgrad_kernel(
         X,  # (M, C) NHWC conv input
         DY,  # (M, C) grad of the conv output (compute dtype)
         PART,  # (G, 49, C) fp32 out: per-program partial weight grads
-        H, W, C, NUM_TILES, G,
-        TH: tl.constexpr, TW: tl.constexpr,
-        BC: tl.constexpr, I64: tl.constexpr):
-    """One pass: program (g, channel block) visits tiles g, g+G, ... once;
-    each dy tile is loaded once and all 49 taps are accumulated from it into
-    49 fp32 [BC] accumulators held in registers."""
+        H, W, C: tl.constexpr, NUM_UNITS, G, ROWS,
+        TW: tl.constexpr, BC: tl.constexpr, S: tl.constexpr,
+        I64: tl.constexpr, EVEN_C: tl.constexpr):
+    """One pass over dy and x, register-blocked and streamed by rows.
+
+    Program (g, channel block) visits units g, g+G, ...; a unit is ROWS
+    image rows x S*TW columns of one sample, as S column strips of width TW
+    side by side (a flat [S*BC] tensor: strip e // BC, channel e % BC; one
+    element per thread).  Walking down the rows, a strip keeps the 7 x rows
+    that output row h reads (h-3 .. h+3, each TW+6 wide) in registers: per
+    row it loads one new x row and one dy row (2*TW+6 loads) for 49*TW FMAs
+    into 49 fp32 accumulators, each x and dy value loaded once per strip.
+    The strips are summed at the end (fixed order), the (G, 49, C) partials
+    by the host (fixed order: bit-reproducible)."""
     g = tl.program_id(0)
-    # contiguity hint 1: one channel per thread, so the 49 [BC] accumulators
-    # (a slice layout, replicated over the pixel threads) cost 49 registers
-    c = tl.max_contiguous(tl.program_id(1) * BC + tl.arange(0, BC), 1)
-    cmask = c < C
-    cm = cmask[None, :]
+    e = tl.arange(0, S * BC)
+    c = tl.program_id(1) * BC + e % BC
+    strip = e // BC
+    cm = c < C
+    units_w = tl.cdiv(W, S * TW)
+    units_h = tl.cdiv(H, ROWS)
     accs = ()
     for k in tl.static_range(49):
-        accs = accs + (tl.zeros((BC, ), dtype=tl.float32), )
-    for t in range(g, NUM_TILES, G):
-        n, h, w, pmask = _tile_pixels(t, H, W, TH, TW)
-        dy = tl.load(DY + (_row_base(n, h, H, W, I64) + w)[:, None] * C +
-                     c[None, :], mask=pmask[:, None] & cm,
-                     other=0.).to(tl.float32)
-        new = ()
-        for kh in tl.static_range(7):
-            hh = h + (kh - 3)
-            hok = pmask & (hh >= 0) & (hh < H)
-            rb = _row_base(n, hh, H, W, I64)
-            for kw in tl.static_range(7):
-                ww = w + (kw - 3)
-                ok = hok & (ww >= 0) & (ww < W)
-                xv = tl.load(X + (rb + ww)[:, None] * C + c[None, :],
-                             mask=ok[:, None] & cm, other=0.).to(tl.float32)
-                new = new + (accs[kh * 7 + kw] + tl.sum(dy * xv, axis=0), )
-        accs = new
+        accs = accs + (tl.zeros((S * BC, ), dtype=tl.float32), )
+    for u in range(g, NUM_UNITS, G):
+        n = u // (units_h * units_w)
+        h0 = (u // units_w) % units_h * ROWS
+        w0 = (u % units_w * S + strip) * TW  # per strip
+        okc = cm if not EVEN_C else e >= 0
+        # the window: x rows h0-3 .. h0+2 (6 of the 7 that row h0 reads)
+        win = ()
+        for rr in tl.static_range(6):
+            win = win + _x_row(X, n, h0 + (rr - 3), w0, c, okc, H, W, C,
+                               TW, I64)
+        for i in range(0, ROWS):
+            h = h0 + i
+            win = win + _x_row(X, n, h + 3, w0, c, okc, H, W, C, TW, I64)
+            hok = okc & (h < H)
+            p = DY + (_row_base(n, h, H, W, I64) + w0) * C + c
+            dys = ()
+            for j in tl.static_range(TW):
+                dys = dys + (tl.load(p + j * C, mask=hok & (w0 + j < W),
+                                     other=0.).to(tl.float32), )
+            # dW[kh, kw] += sum_j x[h + kh - 3, w0 + j + kw - 3] * dy[h, j]
+            upd = ()
+            for k in tl.static_range(49):
+                a = accs[k]
+                for j in tl.static_range(TW):
+                    a += win[(k // 7) * (TW + 6) + j + k % 7] * dys[j]
+                upd = upd + (a, )
+            accs = upd
+            drop = ()  # slide: the oldest row leaves the window
+            for q in tl.static_range(6 * (TW + 6)):
+                drop = drop + (win[TW + 6 + q], )
+            win = drop
+    cc = tl.program_id(1) * BC + tl.arange(0, BC)
     for k in tl.static_range(49):
-        tl.store(PART + (g * 49 + k) * C + c, accs[k], mask=cmask)
+        tl.store(PART + (g * 49 + k) * C + cc,
+                 tl.sum(tl.reshape(accs[k], (S, BC)), axis=0), mask=cc < C)
+
+
+@triton.jit
+def _x_row(X, n, hh, w0, c, okc, H, W, C: tl.constexpr, TW: tl.constexpr,
+           I64: tl.constexpr):
+    """The TW+6 fp32 [S*BC] x vectors of row ``hh``, columns w0-3 ..
+    w0+TW+2 (zeros outside the image)."""
+    ok = okc & (hh >= 0) & (hh < H)
+    p = X + (_row_base(n, hh, H, W, I64) + w0) * C + c
+    row = ()
+    for q in tl.static_range(TW + 6):
+        ww = w0 + (q - 3)
+        row = row + (tl.load(p + (q - 3) * C, mask=ok & (ww >= 0) & (ww < W),
+                             other=0.).to(tl.float32), )
+    return row
 
 
 # --------------------------------------------------------------------------
@@ -384,18 +443,27 @@ class LaunchConfig:
 # apart).  Interpreter: bigger tiles (it pays per program instance).
 _GPU_TILES = {
     'fwd': [(8, 8, None, 8, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1)],
-    'ln_bwd': [(8, 8, None, 8, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1)],
+    # ln_bwd at 8x8 / 8 warps: ptxas spills 16 B of loop invariants at
+    # stage 2 (C = 256); 4x8 / 4 warps compiles without spills everywhere
+    'ln_bwd': [(4, 8, None, 4, 1), (4, 4, None, 4, 1)],
     'dgrad': [(8, 8, 32, 8, 1)],
-    'wgrad': [(4, 8, 32, 4, 1)],
+    # (ROWS, TW, BC, warps): one channel per thread, one column strip per
+    # warp (S = num_warps).  TW 4: 161 registers, 3 programs per SM, 59% of
+    # the row step FFMA; TW 8 reaches 67% FFMA at 215 registers (2 per SM)
+    'wgrad': [(16, 4, 32, 4, 1), (8, 4, 32, 4, 1)],
 }
-_INTERP_TILES = {k: [(8, 16, 32, 4, 1)] for k in _GPU_TILES}
+_INTERP_TILES = dict({k: [(8, 16, 32, 4, 1)] for k in _GPU_TILES},
+                     wgrad=[(4, 4, 32, 2, 1)])
 _MIN_PROGRAMS = 264  # 2 x 132 SMs (H100 SXM)
 # element offsets switch to int64 from this many elements (M * C)
 _I64_ELEMS = 2**31
 # wgrad: programs per channel block (G) so that the (G, 49, C) fp32 partial
 # buffer stays small against the activation while the grid fills the GPU
-_WGRAD_PIXELS_PER_PROG = 1024
-_WGRAD_MIN_PROGRAMS = _MIN_PROGRAMS
+# wgrad: programs (G per channel block) for about 3 resident programs per
+# SM (~140 registers x 4 warps), fewer where the (G, 49, C) fp32 partials
+# would exceed half the activation (a 2-byte (M, C) tensor: G <= M / 196)
+_WGRAD_MIN_PROGRAMS = 3 * 132
+_WGRAD_MAX_PARTIAL_FRAC = 0.5
 _WGRAD_MAX_G_INTERP = 3
 
 
@@ -419,7 +487,7 @@ def launch_config(kernel: str, N: int, H: int, W: int, C: int,
 def _tunables():
     """The module constants a config depends on (part of the cache key, so
     a test that changes one gets a fresh config)."""
-    return (_MIN_PROGRAMS, _I64_ELEMS, _WGRAD_PIXELS_PER_PROG,
+    return (_MIN_PROGRAMS, _I64_ELEMS, _WGRAD_MAX_PARTIAL_FRAC,
             _WGRAD_MIN_PROGRAMS, _WGRAD_MAX_G_INTERP)
 
 
@@ -437,18 +505,27 @@ def _launch_config(kernel, N, H, W, C, dtype, gpu, tunables) -> LaunchConfig:
         n_tiles = N * triton.cdiv(H, TH) * triton.cdiv(W, TW)
         n_cb = triton.cdiv(C, BC)
         grid = (n_tiles, ) if kernel in ('fwd', 'ln_bwd') else (n_tiles, n_cb)
+        if kernel == 'wgrad':  # (unit, channel block) pairs to spread
+            grid = (N * triton.cdiv(H, TH) * triton.cdiv(W, warps * TW),
+                    n_cb)
         if math.prod(grid) >= _MIN_PROGRAMS:
             break
     M = N * H * W
-    meta = dict(TH=TH, TW=TW, BC=BC, I64=M * C >= _I64_ELEMS)
+    meta = dict(TH=TH, TW=TW, BC=BC, I64=M * C >= _I64_ELEMS,
+                EVEN_C=C % BC == 0)
     runtime = {}
     if kernel == 'wgrad':
-        G = max(M // _WGRAD_PIXELS_PER_PROG,
-                triton.cdiv(_WGRAD_MIN_PROGRAMS, n_cb))
+        S, ROWS = warps, TH  # strips per program, rows per unit
+        units = N * triton.cdiv(H, ROWS) * triton.cdiv(W, S * TW)
+        G = triton.cdiv(_WGRAD_MIN_PROGRAMS, n_cb)
         if not gpu:
             G = _WGRAD_MAX_G_INTERP
-        G = max(1, min(G, n_tiles))
-        runtime = dict(NUM_TILES=n_tiles, G=G)
+        # partials (G, 49, C) fp32 vs the 2-byte (M, C) activation
+        g_bytes = int(_WGRAD_MAX_PARTIAL_FRAC * M * 2 / (49 * 4))
+        G = max(1, min(G, g_bytes, units))
+        meta = dict(TW=TW, BC=BC, S=S, I64=meta['I64'],
+                    EVEN_C=meta['EVEN_C'])
+        runtime = dict(NUM_UNITS=units, G=G, ROWS=ROWS)
         grid = (G, n_cb)
     if kernel == 'dgrad':
         meta = dict(HAS_RES=True, **meta)  # host overrides per call
