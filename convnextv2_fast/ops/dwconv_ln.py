@@ -10,7 +10,7 @@ Kernels (all tiles are 2-D spatial tiles TH x TW of one sample x a block of
 BC channels; :func:`launch_config` is the single place that picks tiles,
 warps, stages and grids, for the host functions and for static checks):
 
-- ``_dwconv_ln_fwd_kernel``: one program = one 8x8 pixel tile (4x4 when 8x8
+- ``_dwconv_ln_fwd_kernel``: one program = one 4x8 pixel tile (4x4 when 4x8
   tiles would leave fewer than 264 programs: stages 3-4), a runtime loop over
   channel blocks of one 128-byte line (32 fp32 / 64 bf16 channels).  Pass 1: conv + bias per block, the result ``y``
   rounded to z's dtype (as the reference's conv output is) is parked in ``z``
@@ -24,7 +24,9 @@ warps, stages and grids, for the host functions and for static checks):
   dz's dtype, as the reference's autocast conv backward receives it) and
   per-tile fp32 partial sums for the LN weight/bias and conv bias grads.
 - ``_dwconv_dgrad_kernel``: dx = the 7x7 conv of dy with the flipped kernel
-  (+ the residual grad), channel blocks on grid axis 1.
+  (+ the residual grad), register-blocked and row-streamed like wgrad
+  (below): the 49 taps and a 7-row dy window in registers, one program per
+  (unit, channel block); TW+6 loads per 49*TW FMAs.
 - ``_dwconv_wgrad_kernel``: ONE pass over dy and x, register-blocked: a
   program (g, channel block) visits units g, g+G, ... of ROWS rows x S
   column strips of TW pixels (one strip per warp, one channel per thread);
@@ -35,7 +37,7 @@ warps, stages and grids, for the host functions and for static checks):
   (Before: one load and a cross-thread sum per FMA -- ~5x the
   instructions.)
 
-Every convolution (``_conv_block``) runs the 7 kernel rows as a runtime loop
+The LN kernels' convolution (``_conv_block``) runs the 7 kernel rows as a runtime loop
 and the 7 columns unrolled: only one row's loads and addresses are live (the
 old fully unrolled 49 taps spilled 20-24 KB per thread in dgrad), and the 7
 column loads of a row hit the same cache lines.  C is a constexpr (one
@@ -66,11 +68,12 @@ program requests from L2 after its own L1 reuse, i.e. its unique footprint):
 =========  ===================================  ===============================
 kernel     HBM (halo, taps, re-reads hit L2)    L2->SM (re-read factor of x/dy)
 =========  ===================================  ===============================
-fwd        s_x + s_c + 8/C                       3.06 s_x + 3.06 + s_c (3.06x)
-ln_bwd 4x8 s_x + 2 s_c + 8/C                     4.38 s_x + 6.1 + 3 s_c (4.38x)
+fwd 4x8    s_x + s_c + 8/C                       4.38 s_x + 6.1 + s_c (4.38x)
+ln_bwd     s_x + 2 s_c + 8/C                     3.06 s_x + 3.06 + 3 s_c (3.06x)
+bwd 4x8    s_x + 2 s_c + 8/C                     4.38 s_x + 6.1 + 3 s_c (4.38x)
 fwd 4x4    s_x + s_c + 8/C                       6.25 s_x + 12.25 + s_c (6.25x)
 bwd 4x4    s_x + 2 s_c + 8/C                     6.25 s_x + 12.25 + 3 s_c
-dgrad      s_c + 2 s_x (dy, dres, dx)            3.06 s_c + 3.06 + s_x (3.06x)
+dgrad      s_c + 2 s_x (dy, dres, dx)            1.89 s_c + 2 s_x (16x16 unit)
 wgrad      s_c + s_x + 196 G / M                 s_c + 1.89 s_x (16x16 unit)
 =========  ===================================  ===============================
 
@@ -90,16 +93,17 @@ from 65536 regs and 64 warps per SM):
 =======  ============================  ===================================
 kernel   stage 1 / 2, 3-4 (4x4 tile)   before this rebuild (stage 1 / 2-4)
 =======  ============================  ===================================
-fwd      71 (37.5%) / 73, 52 (37.5,    255 (12.5%) / 168-190 (12.5-19%)
-         56%)
-ln_bwd   56 / 89 (4x8 tiles), 54       211 (12.5%) / 196-251 (12.5%)
-         (56, 31, 56%)
+fwd      56 (4x8, 56%) / 72 (4x8,       255 (12.5%) / 168-190 (12.5-19%)
+         44%), 52 (56%)
+ln_bwd   92 (8x8, 4 warps) / 89 (4x8),  211 (12.5%) / 196-251 (12.5%)
+         54 (31, 31, 56%)
 dgrad    54 (50%) / 72 (37.5%)         32 + 20-24 KB spill stores/thread
 wgrad    157-161 (18.75%)              96-128, 49 passes over dy and x
 =======  ============================  ===================================
 
-ln_bwd takes 4x8 tiles (4 warps) where 8x8 would do: at 8x8 / 8 warps
-ptxas spilled 16 B of loop invariants at stage 2.  wgrad's 3 programs per
+ln_bwd takes 4 warps and at most 16 tile values per thread (8x8 at
+stage 1, 4x8 at stage 2): at 8x8 / 8 warps ptxas spilled 16 B of loop
+invariants at stage 2.  wgrad's 3 programs per
 SM are the price of 49 accumulators plus the 6-row x window (84 values) in
 registers; TW = 8 raises the row step's FFMA share from 59% to 67% but
 needs 215 registers (2 programs per SM).
@@ -312,21 +316,53 @@ def _dwconv_dgrad_kernel(
         Wt,  # (49, C) fp32 conv taps (flipped inside)
         RES,  # (M, C) residual grad added to the result (if HAS_RES)
         DX,  # (M, C) out: grad of the conv input
-        H, W, C: tl.constexpr,
-        HAS_RES: tl.constexpr,
-        TH: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
-        I64: tl.constexpr, EVEN_C: tl.constexpr):
-    BP: tl.constexpr = TH * TW
-    n, h, w, pmask = _tile_pixels(tl.program_id(0), H, W, TH, TW)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    cmask = c < C
-    m2d = pmask[:, None] & cmask[None, :]
-    acc = _conv_block(DY, Wt, n, h, w, pmask, c, cmask, H, W, C, True, I64,
-                      BP, BC, EVEN_C)
-    off = (_row_base(n, h, H, W, I64) + w)[:, None] * C + c[None, :]
-    if HAS_RES:
-        acc += tl.load(RES + off, mask=m2d, other=0.).to(tl.float32)
-    tl.store(DX + off, acc.to(DX.dtype.element_ty), mask=m2d)
+        H, W, C: tl.constexpr, ROWS,
+        HAS_RES: tl.constexpr, TW: tl.constexpr, BC: tl.constexpr,
+        S: tl.constexpr, I64: tl.constexpr, EVEN_C: tl.constexpr):
+    """dx = the 7x7 conv of dy with the flipped kernel (+ dres), register-
+    blocked and streamed by rows like the weight gradient: program (unit,
+    channel block), a unit = ROWS rows x S column strips of TW pixels (flat
+    [S*BC]: strip e // BC, channel e % BC).  The 49 taps of the thread's
+    channel and the 7 dy rows that output row h reads (h-3 .. h+3, TW+6
+    wide) stay in registers: per row one new dy row (TW+6 loads) for 49*TW
+    FMAs."""
+    e = tl.arange(0, S * BC)
+    c = tl.program_id(1) * BC + e % BC
+    strip = e // BC
+    okc = (c < C) if not EVEN_C else e >= 0
+    taps = ()
+    for k in tl.static_range(49):
+        taps = taps + (tl.load(Wt + k * C + c, mask=okc, other=0.), )
+    u = tl.program_id(0)
+    units_w = tl.cdiv(W, S * TW)
+    units_h = tl.cdiv(H, ROWS)
+    n = u // (units_h * units_w)
+    h0 = (u // units_w) % units_h * ROWS
+    w0 = (u % units_w * S + strip) * TW  # per strip
+    win = ()  # dy rows h0-3 .. h0+2 (6 of the 7 that row h0 reads)
+    for rr in tl.static_range(6):
+        win = win + _x_row(DY, n, h0 + (rr - 3), w0, c, okc, H, W, C, TW,
+                           I64)
+    for i in range(0, ROWS):
+        h = h0 + i
+        win = win + _x_row(DY, n, h + 3, w0, c, okc, H, W, C, TW, I64)
+        hok = okc & (h < H)
+        p = (_row_base(n, h, H, W, I64) + w0) * C + c
+        for j in tl.static_range(TW):
+            # dx[h, w0+j] = sum w[kh, kw] dy[h + 3 - kh, w0 + j + 3 - kw]:
+            # window row r = 6 - kh, column j + q with q = 6 - kw
+            acc = tl.zeros((S * BC, ), dtype=tl.float32)
+            for k in tl.static_range(49):
+                acc += win[(6 - k // 7) * (TW + 6) + j + 6 - k % 7] * taps[k]
+            m = hok & (w0 + j < W)
+            if HAS_RES:
+                acc += tl.load(RES + p + j * C, mask=m, other=0.).to(
+                    tl.float32)
+            tl.store(DX + p + j * C, acc.to(DX.dtype.element_ty), mask=m)
+        drop = ()  # slide: the oldest row leaves the window
+        for q in tl.static_range(6 * (TW + 6)):
+            drop = drop + (win[TW + 6 + q], )
+        win = drop
 
 
 @triton.jit
@@ -442,25 +478,34 @@ class LaunchConfig:
 # inside a program: a half-line block would fetch each line twice, far
 # apart).  Interpreter: bigger tiles (it pays per program instance).
 _GPU_TILES = {
-    'fwd': [(8, 8, None, 8, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1)],
-    # ln_bwd at 8x8 / 8 warps: ptxas spills 16 B of loop invariants at
-    # stage 2 (C = 256); 4x8 / 4 warps compiles without spills everywhere
-    'ln_bwd': [(4, 8, None, 4, 1), (4, 4, None, 4, 1)],
-    'dgrad': [(8, 8, 32, 8, 1)],
+    # fwd at 8x8 / 8 warps (73 registers, 3 programs per SM) re-read 1.25x
+    # its footprint from L2 at stage 2 (the L1 share of 3 programs); 4x8 / 4
+    # warps: 1.19x, within 4% of its instructions at every stage
+    'fwd': [(4, 8, None, 4, 1), (4, 4, None, 4, 1)],
+    # ln_bwd: 8x8 / 4 warps where it holds <= 16 values per thread (fp32 x:
+    # stage 1, 22% fewer instructions than 4x8); 8x8 / 8 warps spilled 16 B
+    # of loop invariants at stage 2, and 4x8 / 4 warps does not
+    'ln_bwd': [(8, 8, None, 4, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1)],
+    # (ROWS, TW, BC, warps), as wgrad: one strip per warp
+    'dgrad': [(16, 4, 32, 4, 1), (8, 4, 32, 4, 1)],
     # (ROWS, TW, BC, warps): one channel per thread, one column strip per
     # warp (S = num_warps).  TW 4: 161 registers, 3 programs per SM, 59% of
     # the row step FFMA; TW 8 reaches 67% FFMA at 215 registers (2 per SM)
     'wgrad': [(16, 4, 32, 4, 1), (8, 4, 32, 4, 1)],
 }
 _INTERP_TILES = dict({k: [(8, 16, 32, 4, 1)] for k in _GPU_TILES},
-                     wgrad=[(4, 4, 32, 2, 1)])
+                     wgrad=[(4, 4, 32, 2, 1)], dgrad=[(4, 4, 32, 2, 1)])
 _MIN_PROGRAMS = 264  # 2 x 132 SMs (H100 SXM)
+# LN kernels on the GPU: at most this many fp32 [pixel, channel] values per
+# thread in a tile (more cost occupancy or spilled in the sm_90 compile)
+_MAX_TILE_PER_THREAD = 16
 # element offsets switch to int64 from this many elements (M * C)
 _I64_ELEMS = 2**31
 # wgrad: programs per channel block (G) so that the (G, 49, C) fp32 partial
 # buffer stays small against the activation while the grid fills the GPU
-# wgrad: programs (G per channel block) for about 3 resident programs per
-# SM (~140 registers x 4 warps), fewer where the (G, 49, C) fp32 partials
+# wgrad: programs (G per channel block) for ONE round of 3 resident
+# programs per SM (~160 registers x 4 warps; a second, partial round would
+# run at a third of the warps), fewer where the (G, 49, C) fp32 partials
 # would exceed half the activation (a 2-byte (M, C) tensor: G <= M / 196)
 _WGRAD_MIN_PROGRAMS = 3 * 132
 _WGRAD_MAX_PARTIAL_FRAC = 0.5
@@ -488,7 +533,7 @@ def _tunables():
     """The module constants a config depends on (part of the cache key, so
     a test that changes one gets a fresh config)."""
     return (_MIN_PROGRAMS, _I64_ELEMS, _WGRAD_MAX_PARTIAL_FRAC,
-            _WGRAD_MIN_PROGRAMS, _WGRAD_MAX_G_INTERP)
+            _WGRAD_MIN_PROGRAMS, _WGRAD_MAX_G_INTERP, _MAX_TILE_PER_THREAD)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -502,13 +547,18 @@ def _launch_config(kernel, N, H, W, C, dtype, gpu, tunables) -> LaunchConfig:
         if BC is None:
             BC = 128 // dtype.itemsize
         BC = min(BC, next_pow2(C))
+        if gpu and kernel in ('fwd', 'ln_bwd') and \
+                TH * TW * BC > _MAX_TILE_PER_THREAD * 32 * warps:
+            continue
         n_tiles = N * triton.cdiv(H, TH) * triton.cdiv(W, TW)
         n_cb = triton.cdiv(C, BC)
         grid = (n_tiles, ) if kernel in ('fwd', 'ln_bwd') else (n_tiles, n_cb)
-        if kernel == 'wgrad':  # (unit, channel block) pairs to spread
+        if kernel in ('wgrad', 'dgrad'):  # (unit, channel block) pairs
             grid = (N * triton.cdiv(H, TH) * triton.cdiv(W, warps * TW),
                     n_cb)
-        if math.prod(grid) >= _MIN_PROGRAMS:
+        # wgrad: pairs for ~2 per program (grid-stride units, balanced)
+        need = _MIN_PROGRAMS * (2 if kernel == 'wgrad' else 1)
+        if math.prod(grid) >= need:
             break
     M = N * H * W
     meta = dict(TH=TH, TW=TW, BC=BC, I64=M * C >= _I64_ELEMS,
@@ -517,18 +567,23 @@ def _launch_config(kernel, N, H, W, C, dtype, gpu, tunables) -> LaunchConfig:
     if kernel == 'wgrad':
         S, ROWS = warps, TH  # strips per program, rows per unit
         units = N * triton.cdiv(H, ROWS) * triton.cdiv(W, S * TW)
-        G = triton.cdiv(_WGRAD_MIN_PROGRAMS, n_cb)
+        G = _WGRAD_MIN_PROGRAMS // n_cb
         if not gpu:
             G = _WGRAD_MAX_G_INTERP
         # partials (G, 49, C) fp32 vs the 2-byte (M, C) activation
         g_bytes = int(_WGRAD_MAX_PARTIAL_FRAC * M * 2 / (49 * 4))
         G = max(1, min(G, g_bytes, units))
+        # balanced: every program the same number of units (the busiest
+        # program sets the time; fewer partials; linear in H)
+        G = triton.cdiv(units, triton.cdiv(units, G))
         meta = dict(TW=TW, BC=BC, S=S, I64=meta['I64'],
                     EVEN_C=meta['EVEN_C'])
         runtime = dict(NUM_UNITS=units, G=G, ROWS=ROWS)
         grid = (G, n_cb)
     if kernel == 'dgrad':
-        meta = dict(HAS_RES=True, **meta)  # host overrides per call
+        meta = dict(HAS_RES=True, TW=TW, BC=BC, S=warps, I64=meta['I64'],
+                    EVEN_C=meta['EVEN_C'])  # HAS_RES: the host, per call
+        runtime = dict(ROWS=TH)
     return LaunchConfig(kernel, grid, meta, runtime, warps, stages)
 
 
