@@ -13,8 +13,8 @@ quantities are per-program sums, so a sample measures them exactly for the
 programs it runs.  A scaled-down spatial size would not be representative:
 it changes how a pixel tile meets the image rows (a 32-pixel tile spans
 4 rows of an 8-wide image but 1/8 of a 256-wide row) and how many tiles a
-program with a capped grid owns (today's wgrad: 512 programs, so 8 tiles per
-program at stage 1 but 1 at 16x16: its per-tap re-read then stays in L1).
+program with a capped grid owns (today's wgrad: 344 programs, so 6 units of
+16 rows per program at stage 1, but 1 at 16x16).
 About a minute for all four stages on 2 cores.
 """
 import collections
