@@ -1,9 +1,10 @@
 """The GRN-statistics kernels (convnextv2_fast.ops.grn_stats): forward
 (partials of sum u**2 -> S, scale) and backward (S, partials of sum dv*u ->
-scale, t, dgamma) against the fp64 torch formulas, with the 2x-same-dtype
-(fp32 torch) rule; at the interpreter's blocks and the GPU's (partial rows
-and channels not multiples of any block); a channel with G = 0 and a sample
-that is 0 everywhere (mean G = 0); bit-identical reruns; bad inputs."""
+scale, t, dgamma; S -> the same scale bit for bit) against the fp64 torch
+formulas, with the 2x-same-dtype (fp32 torch) rule; at the interpreter's
+blocks and the GPU's (partial rows and channels not multiples of any block);
+a channel with G = 0 and a sample that is 0 everywhere (mean G = 0);
+bit-identical reruns; bad inputs."""
 import pytest
 import torch
 
@@ -35,6 +36,7 @@ def _check(spart, rpart, gamma, dtype_tag='fp32'):
     with poisoned_empty():
         S, scale = GS.grn_stats_forward(spart, gamma)
         scale_b, t, dgamma = GS.grn_stats_backward(S, rpart, gamma)
+        scale_s = GS.grn_scale(S, gamma)  # from the saved sums alone
     d = torch.float64
     S_hi = spart.to(d).sum(1)
     R_hi = rpart.to(d).sum(1)
@@ -56,6 +58,7 @@ def _check(spart, rpart, gamma, dtype_tag='fp32'):
     assert (scale[:, 5] == 1).all() and (t[:, 5] == 0).all()
     assert (scale[-1] == 1).all() and (t[-1] == 0).all()
     assert torch.equal(scale, scale_b)
+    assert torch.equal(scale, scale_s)
     return cand
 
 

@@ -52,21 +52,25 @@ def torch_mlp(t, dt):
     vectors stay fp32 (or fp64)."""
     hi = torch.float64 if dt == torch.float64 else torch.float32
     a = {k: v.to(dt) for k, v in t.items()
-         if k in ('z', 'w1', 'h', 'w2', 'res', 'dout')}
+         if k in ('z', 'w1', 'h', 'w2', 'res', 'dout', 'h_pw1')}
     v = {k: t[k].to(hi) for k in ('b1', 'scale', 'bias', 'r', 'beta', 'db2')}
     h1 = a['z'] @ a['w1'].t() + v['b1'].to(dt)
     u1 = F.gelu(h1)
     u = F.gelu(a['h'])
+    q = u * v['scale'][:, None].to(dt)
+    # pw2's operand: GELU of pw1's own h when given (the kernels chain)
+    u2 = F.gelu(a.get('h_pw1', a['h']))
     out = a['res'] + v['r'][:, None] * (
-        (u * v['scale'][:, None].to(dt)) @ a['w2'].t() + v['bias'][None])
-    dv = (a['dout'] * v['r'][:, None].to(dt)) @ a['w2']
+        (u2 * v['scale'][:, None].to(dt)) @ a['w2'].t() + v['bias'][None])
+    da = a['dout'] * v['r'][:, None].to(dt)
+    dv = da @ a['w2']
     P = torch.einsum('npc,npk->nck', a['dout'].to(hi), u.to(hi))
     sp = P * v['scale'][:, None, :]
     colsum = a['dout'].to(hi).sum(1)
     w2 = a['w2'].to(hi)
     return dict(
-        h=h1, S=(u1 * u1).sum(1).to(hi), out=out.to(a['res'].dtype),
-        dv=dv, R=(dv * u).sum(1).to(hi), colsum=colsum,
+        h=h1, u=u1, S=(u1 * u1).sum(1).to(hi), out=out.to(a['res'].dtype),
+        dv=dv, q=q, da=da, R=(dv * u).sum(1).to(hi), colsum=colsum,
         dw2=(v['r'][:, :, None] * sp).sum(0)
         + v['db2'][:, None] * v['beta'][None],
         dbeta=w2.t() @ v['db2'],
@@ -76,18 +80,24 @@ def torch_mlp(t, dt):
 def run_kernels(t, dt, need_dr):
     a = {k: t[k].to(dt) for k in ('z', 'w1', 'h', 'w2')}
     with poisoned_empty():
-        h, spart = M.pw1_forward(a['z'], a['w1'], t['b1'])
-        out = M.pw2_residual_forward(a['h'], t['scale'], a['w2'], t['bias'],
+        h, u, spart = M.pw1_forward(a['z'], a['w1'], t['b1'])
+        # pw2 consumes exactly what pw1 emits (u of its own h, not of t['h'])
+        out = M.pw2_residual_forward(u, t['scale'], a['w2'], t['bias'],
                                      t['r'], t['res'].to(dt))
-        dv, rpart, colsum = M.dv_backward(t['dout'].to(dt), t['r'], a['w2'],
-                                          a['h'])
-        dw2, dbeta, drw = M.dw2_backward(t['dout'].to(dt), t['r'], a['h'],
-                                         t['scale'], a['w2'], t['beta'],
-                                         t['db2'], colsum.float(), need_dr)
+        dout = t['dout'].to(dt)
+        dv, q, da, rpart, colsum = M.dv_backward(
+            dout, t['r'], a['w2'], a['h'], t['scale'], emit_da=not need_dr)
+        dw2, dbeta, drw = M.dw2_backward(
+            dout if need_dr else da, t['r'], q, a['w2'], t['beta'],
+            t['db2'], colsum.float(), need_dr)
     # the per-tile partials summed here (the GEMMs' part of S and R)
-    return dict(h=h, S=spart.sum(1), out=out, dv=dv, R=rpart.sum(1),
-                colsum=colsum, dw2=dw2,
-                dbeta=dbeta, drw=drw)
+    got = dict(h=h, u=u, S=spart.sum(1), out=out, dv=dv, q=q,
+               R=rpart.sum(1), colsum=colsum, dw2=dw2, dbeta=dbeta, drw=drw)
+    if not need_dr:
+        got['da'] = da
+    else:
+        assert da is None
+    return got
 
 
 @CONFIGS
@@ -96,6 +106,8 @@ def run_kernels(t, dt, need_dr):
 def test_mlp_gemm_parity(tiles, dtype, need_dr):
     t = _inputs()
     cand = run_kernels(t, dtype, need_dr)
+    # pw2's input is pw1's u: the references start from the same-dtype h
+    t['h_pw1'] = cand['h'].float()
     same = torch_mlp(t, dtype)
     high = torch_mlp(t, torch.float64)
     for name, c in cand.items():
@@ -115,8 +127,8 @@ def test_dw2_split_is_deterministic_and_covers_every_pixel(tiles, gpu_config):
     cfg = M.launch_config('dw2', 2, 300, 8, 32)
     assert cfg.grid[2] > 1 and cfg.split * cfg.grid[2] >= 300
     colsum = t['dout'].sum(1)
-    args = (t['dout'], t['r'], t['h'], t['scale'], t['w2'], t['beta'],
-            t['db2'], colsum, True)
+    q = F.gelu(t['h']) * t['scale'][:, None]
+    args = (t['dout'], t['r'], q, t['w2'], t['beta'], t['db2'], colsum, True)
     first = M.dw2_backward(*args)
     second = M.dw2_backward(*args)
     for a, b in zip(first, second):

@@ -11,7 +11,8 @@ BC channels; :func:`launch_config` is the single place that picks tiles,
 warps, stages and grids, for the host functions and for static checks):
 
 - ``_dwconv_ln_fwd_kernel``: one program = one 4x8 pixel tile (4x4 when 4x8
-  tiles would leave fewer than 264 programs: stages 3-4), a runtime loop over
+  tiles would leave fewer than 264 programs: stage 3; 2x4 at stage 4, whose
+  128 4x4 tiles would leave one program of 4 warps per SM), a runtime loop over
   channel blocks of one 128-byte line (32 fp32 / 64 bf16 channels).  Pass 1: conv + bias per block, the result ``y``
   rounded to z's dtype (as the reference's conv output is) is parked in ``z``
   and the per-pixel statistics are combined across blocks with Chan's
@@ -91,7 +92,7 @@ z/dz/dy bf16; registers per thread, zero spills everywhere, H100 occupancy
 from 65536 regs and 64 warps per SM):
 
 =======  ============================  ===================================
-kernel   stage 1 / 2, 3-4 (4x4 tile)   before this rebuild (stage 1 / 2-4)
+kernel   stage 1 / 2, 3 (4x4 tile)     before this rebuild (stage 1 / 2-4)
 =======  ============================  ===================================
 fwd      56 (4x8, 56%) / 72 (4x8,       255 (12.5%) / 168-190 (12.5-19%)
          44%), 52 (56%)
@@ -103,7 +104,9 @@ wgrad    157-161 (18.75%)              96-128, 49 passes over dy and x
 
 ln_bwd takes 4 warps and at most 16 tile values per thread (8x8 at
 stage 1, 4x8 at stage 2): at 8x8 / 8 warps ptxas spilled 16 B of loop
-invariants at stage 2.  wgrad's 3 programs per
+invariants at stage 2.  At stage 4 both LN kernels take 2x4 tiles (48
+registers, 256 programs: two per SM instead of one; 15-18K instructions per
+warp instead of 26-31K).  wgrad's 3 programs per
 SM are the price of 49 accumulators plus the 6-row x window (84 values) in
 registers; TW = 8 raises the row step's FFMA share from 59% to 67% but
 needs 215 registers (2 programs per SM).
@@ -481,11 +484,12 @@ _GPU_TILES = {
     # fwd at 8x8 / 8 warps (73 registers, 3 programs per SM) re-read 1.25x
     # its footprint from L2 at stage 2 (the L1 share of 3 programs); 4x8 / 4
     # warps: 1.19x, within 4% of its instructions at every stage
-    'fwd': [(4, 8, None, 4, 1), (4, 4, None, 4, 1)],
+    'fwd': [(4, 8, None, 4, 1), (4, 4, None, 4, 1), (2, 4, None, 4, 1)],
     # ln_bwd: 8x8 / 4 warps where it holds <= 16 values per thread (fp32 x:
     # stage 1, 22% fewer instructions than 4x8); 8x8 / 8 warps spilled 16 B
     # of loop invariants at stage 2, and 4x8 / 4 warps does not
-    'ln_bwd': [(8, 8, None, 4, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1)],
+    'ln_bwd': [(8, 8, None, 4, 1), (4, 8, None, 4, 1), (4, 4, None, 4, 1),
+               (2, 4, None, 4, 1)],
     # (ROWS, TW, BC, warps), as wgrad: one strip per warp
     'dgrad': [(16, 4, 32, 4, 1), (8, 4, 32, 4, 1)],
     # (ROWS, TW, BC, warps): one channel per thread, one column strip per

@@ -66,7 +66,7 @@ from ._common import check_tensor
 from .dwconv_ln import dwconv_ln_backward, dwconv_ln_forward
 from .gelu_grn import (grn_bwd_apply, grn_pw2_backward, grn_pw2_forward,
                        w2_fold)
-from .grn_stats import grn_stats_backward, grn_stats_forward
+from .grn_stats import grn_scale, grn_stats_backward, grn_stats_forward
 from .mlp_gemm import (dv_backward, dw2_backward, pw1_forward,
                        pw2_residual_forward)
 from .layer_scale_residual import scale_residual_forward
@@ -125,17 +125,16 @@ def _check_mlp_choice(mlp):
         raise ArgumentError(f'mlp must be one of {MLPS}, got {mlp!r}.')
 
 
-def _pw1(z, w1c, b1, cd, mlp, sumsq):
-    """pw1 of (N, H, W, C) ``z`` -> ``(h (N, HW, K), partials or None)``:
-    cuBLAS (``S`` from :func:`.gelu_grn.grn_pw2_forward` later, None here)
-    or the Triton GEMM with the GELU sum-of-squares epilogue (its per-tile
-    partials of ``S``)."""
+def _pw1(z, w1c, b1, cd, mlp):
+    """pw1 of (N, H, W, C) ``z`` -> ``h`` (N, HW, K) for the backward's
+    recompute: cuBLAS or the Triton GEMM (``h`` alone: no GELU epilogue)."""
     N, H, W, C = z.shape
     if mlp == 'triton':
-        return pw1_forward(z.view(N, H * W, C), w1c, b1, sumsq=sumsq)
+        return pw1_forward(z.view(N, H * W, C), w1c, b1, sumsq=False,
+                           keep_h=True, emit_u=False)[0]
     K = w1c.shape[0]
     return F.linear(z.view(-1, C), w1c, _cast_weight(b1, cd)).view(
-        N, H * W, K), None
+        N, H * W, K)
 
 
 def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
@@ -163,17 +162,21 @@ def fused_block_forward(x, dw_w, dw_b, ln_w, ln_b, w1, b1, gamma, beta, w2,
         z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b, ln_eps,
                                           out_dtype=cd)
         w1c = _cast_weight(w1, cd)
-        h, spart = _pw1(z, w1c, b1, cd, mlp, sumsq=True)
         keep_w2 = keep_cast(x, w2, cd, save)
         if mlp == 'triton':
+            # u for pw2 (freed after it), h only when saved for backward
+            h, u, spart = pw1_forward(z.view(N, H * W, C), w1c, b1,
+                                      sumsq=True, keep_h=save, emit_u=True)
             S, scale = grn_stats_forward(spart, gamma, grn_eps)
             # one pass over W2: its cast (when needed) and W2 beta
             _, wb, w2c = w2_fold(w2.detach(), scale[:0], beta.detach(), cd,
                                  keep_w2=w2.dtype != cd)
             w2c = w2.detach() if w2c is None else w2c
-            out = pw2_residual_forward(h, scale, w2c, wb + b2.detach().float(),
+            out = pw2_residual_forward(u, scale, w2c, wb + b2.detach().float(),
                                        r.detach(), x.view(N, H * W, C))
+            del u
         else:
+            h = _pw1(z, w1c, b1, cd, mlp)
             a, bias2, S, w2c = grn_pw2_forward(h, gamma, beta, w2, b2,
                                                grn_eps, keep_w2=keep_w2)
             out = scale_residual_forward(a, r.detach(), x.view(N, H * W, C),
@@ -212,15 +215,21 @@ def _mlp_backward_triton(dout, r, h, S, gamma, beta, w2, b2, eps, need_dr,
                          w2c):
     """:func:`.gelu_grn.grn_pw2_backward`'s contract on the Triton GEMMs of
     :mod:`.mlp_gemm`: ``dv`` with the ``sum_p dv*u`` and ``sum_p dout``
-    partials in its epilogue, the GELU/GRN apply (with ``db1``), and the W2
-    grads in one pixel-reducing GEMM (``u`` recomputed in its prologue)."""
-    dv, rpart, colsum = dv_backward(dout, r, w2c, h)
+    partials in its epilogue (and ``q = u * scale`` for dW2), the GELU/GRN
+    apply (with ``db1``), and the W2 grads in one pixel-reducing GEMM over
+    ``q``."""
+    # the forward's GRN scale (from S alone) for q; the backward statistics
+    # kernels recompute the same scale beside t and dgamma
+    dv, q, da, rpart, colsum = dv_backward(dout, r, w2c, h,
+                                           grn_scale(S, gamma, eps),
+                                           emit_da=not need_dr)
     scale, t, dgamma = grn_stats_backward(S, rpart, gamma, eps)
     dh, db1 = grn_bwd_apply(h, dv, scale, t)
     del dv
     db2 = (r * colsum).sum(0)
-    dw2, dbeta, drw = dw2_backward(dout, r, h, scale, w2.detach(),
-                                   beta.detach(), db2, colsum, need_dr)
+    dw2, dbeta, drw = dw2_backward(dout if need_dr else da, r, q,
+                                   w2.detach(), beta.detach(), db2, colsum,
+                                   need_dr)
     dr = drw + b2.detach().float()[None, :] * colsum if need_dr else None
     return dh, db1, dgamma, dbeta, dw2, db2, dr
 
@@ -245,7 +254,7 @@ def fused_block_backward(dout, x, z, h, mean, rstd, S, dw_w, dw_b, ln_w, ln_b,
         if not save:
             z, mean, rstd = dwconv_ln_forward(x, dw_w, dw_b, ln_w, ln_b,
                                               ln_eps, out_dtype=cd)
-            h, _ = _pw1(z, w1c, b1, cd, mlp, sumsq=False)
+            h = _pw1(z, w1c, b1, cd, mlp)
         if mlp == 'triton':
             dh, db1, dgamma, dbeta, dw2, db2, dr = _mlp_backward_triton(
                 dout.view(N, H * W, C), r.detach(), h, S, gamma, beta, w2,

@@ -174,6 +174,14 @@ def grn_stats_forward(spart, gamma, eps=GRN_EPS):
     return S, scale
 
 
+def grn_scale(S, gamma, eps=GRN_EPS):
+    """The forward's ``scale`` (N, K) fp32 again from the saved sums ``S``
+    (N, K): the same two kernels on S as a single tile of partials, so it is
+    bit-identical to :func:`grn_stats_forward`'s."""
+    check_tensor(S, 'S', ndim=2, dtypes=_F32)
+    return grn_stats_forward(S[:, None, :], gamma, eps)[1]
+
+
 def grn_stats_backward(S, rpart, gamma, eps=GRN_EPS):
     """From ``S`` (N, K) and (N, T, K) fp32 per-tile partials of ``R =
     sum_p dv * u``: ``(scale, t, dgamma)`` fp32 with ``du = dv * scale +

@@ -8,47 +8,60 @@ block)), so per-sample vectors (GRN scale, layer scale x drop path ``r``)
 are plain row/column loads and per-sample reductions are per-tile partials
 reduced on the host in a fixed order (no float atomics: bit-reproducible).
 
-Forward (two kernels, the hidden tensor crosses HBM once each way):
+Forward (two kernels):
 
-- ``_pw1_kernel``: ``h = z W1^T + b1`` (stored in the compute dtype) with an
-  epilogue that emits per-tile fp32 partial sums of ``GELU(h)**2`` per
-  (sample, hidden channel): the GRN's first global reduction.  ``u`` is
-  never stored.
-- ``_pw2_kernel``: ``out = res + r * ((GELU(h) * scale_n) W2^T + W2 beta + b2)``
+- ``_pw1_kernel``: ``h = z W1^T + b1`` with an epilogue that applies GELU
+  once per element and writes ``u = GELU(h)`` (pw2's operand) and, in save
+  mode only, ``h`` (the backward's; recompute and inference write ``u``
+  alone), both in the compute dtype, and emits per-tile fp32 partial sums
+  of ``u**2`` per (sample, hidden channel): the GRN's first global
+  reduction.
+- ``_pw2_kernel``: ``out = res + r * ((u * scale_n) W2^T + W2 beta + b2)``
   with the GRN scale ``scale = 1 + gamma * Nx`` applied to the A tile as it
-  is loaded (GELU recomputed from ``h`` in the prologue; no (N, C, 4C)
-  folded weight, no ``u`` tensor), bias, layer scale x drop path and the
-  residual add in the epilogue, written in the stream dtype.
+  is loaded (one multiply per element; no (N, C, 4C) folded weight), bias,
+  layer scale x drop path and the residual add in the epilogue, written in
+  the stream dtype.
+
+  GELU is not recomputed in pw2's prologue from ``h``: that costs the erf
+  once per element *per column block* (C / 128 times: 4-8x at stages 3-4),
+  which made pw2 issue-bound (~44K instructions per warp at stage 3, 6x
+  the cuBLAS path's bmm in the model); writing ``u`` costs one more 4C-wide
+  store (2 bytes per hidden element) in save mode.
 
 Backward:
 
 - ``_dv_kernel``: ``dv = (dout * r) W2c`` (``da = dout * r`` formed in the
-  prologue) with an epilogue that recomputes ``u = GELU(h)`` and emits
-  partials of the GRN's second global reduction ``R = sum_p dv * u``; the
-  programs of the first hidden block also emit partial column sums of
-  ``dout`` (the b2 / layer-scale grads).
+  prologue) with an epilogue that recomputes ``u = GELU(h)`` (once per
+  element), emits partials of the GRN's second global reduction ``R =
+  sum_p dv * u`` and writes ``q = u * scale`` (the forward pw2's operand)
+  for the dW2 GEMM; the programs of the first hidden block also emit
+  partial column sums of ``dout`` (the b2 / layer-scale grads).
 - the GELU/GRN backward apply (``dh``, with the pw1 bias grad from the same
   pass) stays :func:`.gelu_grn.grn_bwd_apply`; ``dz = dh W1`` and
   ``dW1 = dh^T z`` are cuBLAS (plain GEMMs; folding the apply into both of
   their prologues would read ``h`` and ``dv`` twice instead of writing and
   reading ``dh`` -- 8 vs 12 units of the hidden tensor, left for a GPU
   profile to justify).
-- ``_dw2_kernel``: ``dW2 = sum_n (g_n^T u_n) diag(scale_n) + db2 beta^T`` as a
-  GEMM reducing over pixels, ``u`` recomputed from ``h`` in the prologue;
-  each program keeps a sample's partial product in registers, so the
-  per-sample GRN scale (and, for the layer-scale grad, the per-sample ``r``
-  and ``sum_k W2 (scale P)``) is applied there: no (N, C, K) tensor.  The
+- ``_dw2_kernel``: ``dW2 = sum_n g_n^T q_n + db2 beta^T`` as a GEMM
+  reducing over pixels, ``q`` read as written by ``_dv_kernel`` (it reads
+  the same bytes as ``h`` would, without the erf per channel block: 92K
+  instructions per warp at stage 3 when it recomputed GELU); for the
+  layer-scale grad each program keeps a sample's partial product in
+  registers, so the per-sample ``r`` and ``sum_k W2 Q`` are applied there:
+  no (N, C, K) tensor.  The
   pixel range is split over programs when the (C, K) tile grid is too small
   for the GPU (fp32 partials, fixed-order sum).
 
 All math is fp32 with one cast at each store; ``u`` is rounded to the
 compute dtype wherever it is formed, so every kernel sees the same ``u``
-(what the cuBLAS path stores).  fp32 inputs use IEEE fp32 dots unless torch
-allows TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32``).
+(what the cuBLAS path stores), and ``q`` is the same rounding of ``u *
+scale`` in the forward and the backward.  fp32 inputs use IEEE fp32 dots
+unless torch allows TF32 for matmuls
+(``torch.backends.cuda.matmul.allow_tf32``).
 
 Launch configs: one function (:func:`launch_config`) for the host, the sm_90
 static suite and the traffic suite.  The GPU tiles are 128-row x 64/128
-column tiles with 4/8 warps, so ``tl.dot`` lowers to wgmma on sm_90 (the
+column tiles with 8 warps, so ``tl.dot`` lowers to wgmma on sm_90 (the
 static suite reports it); the interpreter gets small tiles (it cannot
 autotune over several configs, and pays per program).
 """
@@ -60,7 +73,8 @@ import triton
 import triton.language as tl
 
 from .._errors import ArgumentError
-from ._common import check_same_device, check_tensor, next_pow2, use_gpu_config
+from ._common import (SUPPORTED_DTYPES, check_same_device, check_tensor,
+                      next_pow2, use_gpu_config)
 from .gelu_grn import _w2_tile, check_hidden
 
 KERNELS = ('pw1', 'pw2', 'dv', 'dw2', 'dw2_dr')
@@ -115,10 +129,12 @@ def _pw1_kernel(
         Z,  # (N, HW, C) LN output, compute dtype
         W1,  # (K, C) pw1 weight, compute dtype, strides (stride_k, stride_c)
         B1,  # (K,) pw1 bias
-        Hp,  # (N, HW, K) out: pre-activation, compute dtype
-        PART,  # (N, T, K) fp32 out: per-tile sum of GELU(h)**2 (if SUMSQ)
+        Hp,  # (N, HW, K) out: pre-activation, compute dtype (if WRITE_H)
+        U,  # (N, HW, K) out: u = GELU(h), compute dtype (if WRITE_U)
+        PART,  # (N, T, K) fp32 out: per-tile sum of u**2 (if SUMSQ)
         HW, C, K, stride_wk, stride_wc,
-        SUMSQ: tl.constexpr, PREC: tl.constexpr,
+        WRITE_H: tl.constexpr, WRITE_U: tl.constexpr, SUMSQ: tl.constexpr,
+        PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     n, t, p, pmask, T, kb, k, kmask, r, a_ptrs, b_ptrs = _gemm_tile(
         Z, W1, HW, K, C, stride_wk, stride_wc, BM, BN, BK)
@@ -133,17 +149,33 @@ def _pw1_kernel(
     b1 = tl.load(B1 + k, mask=kmask, other=0.).to(tl.float32)
     h = (acc + b1[None, :]).to(Hp.dtype.element_ty)
     m2 = pmask[:, None] & kmask[None, :]
-    tl.store(Hp + n * HW * K + p[:, None] * K + k[None, :], h, mask=m2)
-    if SUMSQ:
-        u = _gelu(h.to(tl.float32)).to(Hp.dtype.element_ty).to(tl.float32)
-        u = tl.where(m2, u, 0.)
-        tl.store(PART + (n * T + t) * K + k, tl.sum(u * u, axis=0),
-                 mask=kmask)
+    # one 64-bit tile base, 32-bit offsets in the tile
+    base = (n * HW + t * BM) * K
+    off = (p - t * BM)[:, None] * K + k[None, :]
+    if WRITE_H:
+        tl.store(Hp + base + off, h, mask=m2)
+        # h read back (this program's own bytes, from L2): with h stored and
+        # u computed from the register tile, the compiler evaluates the GELU
+        # twice, once in the store's layout and once in the accumulator's
+        # (for the sum below) -- 255 registers and spills at 128 x 128; read
+        # back, GELU, the u store and the sum share one layout.  The barrier
+        # orders every thread's stores before any load.
+        tl.debug_barrier()
+        h = tl.load(Hp + base + off, mask=m2, other=0.)
+    if WRITE_U or SUMSQ:
+        # GELU once per element, here: pw2 and the statistics read this u
+        u = _gelu(h.to(tl.float32)).to(Hp.dtype.element_ty)
+        if WRITE_U:
+            tl.store(U + base + off, u, mask=m2)
+        if SUMSQ:
+            uf = tl.where(m2, u.to(tl.float32), 0.)
+            tl.store(PART + (n * T + t) * K + k, tl.sum(uf * uf, axis=0),
+                     mask=kmask)
 
 
 @triton.jit
 def _pw2_kernel(
-        Hp,  # (N, HW, K) pre-activation, compute dtype
+        U,  # (N, HW, K) u = GELU(h), compute dtype
         SCALE,  # (N, K) fp32 GRN scale 1 + gamma * Nx
         W2,  # (C, K) pw2 weight, compute dtype, strides (stride_c, stride_k)
         BIAS,  # (C,) fp32: W2 beta + b2
@@ -153,19 +185,18 @@ def _pw2_kernel(
         HW, C, K, stride_wc, stride_wk,
         PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T, cb, c, cmask, r, h_ptrs, w_ptrs = _gemm_tile(
-        Hp, W2, HW, C, K, stride_wc, stride_wk, BM, BN, BK)
+    n, t, p, pmask, T, cb, c, cmask, r, u_ptrs, w_ptrs = _gemm_tile(
+        U, W2, HW, C, K, stride_wc, stride_wk, BM, BN, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rm = (k0 + r) < K
-        h = tl.load(h_ptrs, mask=pmask[:, None] & rm[None, :],
+        u = tl.load(u_ptrs, mask=pmask[:, None] & rm[None, :],
                     other=0.).to(tl.float32)
         s = tl.load(SCALE + n * K + k0 + r, mask=rm, other=0.)
-        u = _gelu(h).to(Hp.dtype.element_ty).to(tl.float32)
         q = (u * s[None, :]).to(W2.dtype.element_ty)
         w = tl.load(w_ptrs, mask=rm[:, None] & cmask[None, :], other=0.)
         acc = tl.dot(q, w, acc, input_precision=PREC)
-        h_ptrs += BK
+        u_ptrs += BK
         w_ptrs += BK * stride_wk
     bias = tl.load(BIAS + c, mask=cmask, other=0.)
     rs = tl.load(R + n * C + c, mask=cmask, other=0.)
@@ -182,11 +213,15 @@ def _dv_kernel(
         R,  # (N, C) fp32 layer scale x drop-path keep scale
         W2,  # (C, K) pw2 weight, compute dtype, strides (stride_c, stride_k)
         Hp,  # (N, HW, K) pre-activation, compute dtype
+        SCALE,  # (N, K) fp32 GRN scale
         DV,  # (N, HW, K) out: grad of the GRN output, compute dtype
+        Q,  # (N, HW, K) out: u * scale, compute dtype (dW2's operand)
+        DA,  # (N, HW, C) out: dout * r, compute dtype (hidden block 0;
+        #      if WRITE_DA: dW2's other operand)
         RPART,  # (N, T, K) fp32 out: per-tile sum of dv * GELU(h)
         CPART,  # (N, T, C) fp32 out: per-tile sum of dout (hidden block 0)
         HW, C, K, stride_wc, stride_wk,
-        PREC: tl.constexpr,
+        WRITE_DA: tl.constexpr, PREC: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     n, t, p, pmask, T, kb, k, kmask, r, g_ptrs, w_ptrs = _gemm_tile(
         DOUT, W2, HW, K, C, stride_wk, stride_wc, BM, BN, BK)
@@ -202,6 +237,9 @@ def _dv_kernel(
         if kb == 0:
             tl.store(CPART + (n * T + t) * C + c0 + r, tl.sum(g, axis=0),
                      mask=rm)
+            if WRITE_DA:
+                tl.store(DA + n * HW * C + p[:, None] * C + c0 + r[None, :],
+                         da, mask=pmask[:, None] & rm[None, :])
         g_ptrs += BK
         w_ptrs += BK * stride_wc
     m2 = pmask[:, None] & kmask[None, :]
@@ -210,16 +248,18 @@ def _dv_kernel(
     tl.store(DV + off, dv, mask=m2)
     h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
     u = _gelu(h).to(Hp.dtype.element_ty).to(tl.float32)
+    s = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
+    tl.store(Q + off, (u * s[None, :]).to(Q.dtype.element_ty), mask=m2)
     tl.store(RPART + (n * T + t) * K + k,
              tl.sum(dv.to(tl.float32) * u, axis=0), mask=kmask)
 
 
 @triton.jit
 def _dw2_kernel(
-        G,  # (N, HW, C) grad of the block output, stream dtype
-        R,  # (N, C) fp32 layer scale x drop-path keep scale
-        Hp,  # (N, HW, K) pre-activation, compute dtype
-        SCALE,  # (N, K) fp32 GRN scale
+        G,  # (N, HW, C): dout (if NEED_DR), else da = dout * r (compute
+        #     dtype, from _dv_kernel)
+        R,  # (N, C) fp32 layer scale x drop-path keep scale (if NEED_DR)
+        Q,  # (N, HW, K) u * GRN scale, compute dtype (from _dv_kernel)
         W2,  # (C, K) pw2 weight, any dtype, strides (stride_c, stride_k)
         BETA,  # (K,) GRN beta
         DB2,  # (C,) fp32 grad of b2
@@ -232,7 +272,7 @@ def _dw2_kernel(
         BC: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr):
     cb, kb, c, k, cmask, kmask, m2, off = _w2_tile(C, K, BC, BK)
     s = tl.program_id(2)
-    q = tl.arange(0, BP)
+    pq = tl.arange(0, BP)
     p_lo = s * P_SPLIT
     acc = tl.zeros((BC, BK), dtype=tl.float32)
     # dbeta = W2^T db2 and the beta db2^T term of dW2 come from the first
@@ -252,26 +292,24 @@ def _dw2_kernel(
     # BP steps only up to the sample's end (no padded split)
     p_n = tl.minimum(HW - p_lo, P_SPLIT)
     for n in range(N):
-        rs = tl.load(R + n * C + c, mask=cmask, other=0.)
-        sc = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
-        g_ptrs = G + n * HW * C + (p_lo + q)[None, :] * C + c[:, None]
-        h_ptrs = Hp + n * HW * K + (p_lo + q)[:, None] * K + k[None, :]
+        g_ptrs = G + n * HW * C + (p_lo + pq)[None, :] * C + c[:, None]
+        q_ptrs = Q + n * HW * K + (p_lo + pq)[:, None] * K + k[None, :]
         if NEED_DR:
             # the r grad needs this sample's product alone: a second
-            # accumulator, the GRN scale and r applied after the pixels
-            pn = tl.zeros((BC, BK), dtype=tl.float32)
+            # accumulator (already GRN-scaled: q = u * scale), r applied
+            # after the pixels
+            sp = tl.zeros((BC, BK), dtype=tl.float32)
             for p0 in range(0, p_n, BP):
-                pm = (p0 + q) < p_n
+                pm = (p0 + pq) < p_n
                 g = tl.load(g_ptrs, mask=cmask[:, None] & pm[None, :],
-                            other=0.).to(tl.float32)
-                h = tl.load(h_ptrs, mask=pm[:, None] & kmask[None, :],
-                            other=0.).to(tl.float32)
-                u = _gelu(h).to(Hp.dtype.element_ty)
-                pn = tl.dot(g.to(Hp.dtype.element_ty), u, pn,
+                            other=0.)
+                qs = tl.load(q_ptrs, mask=pm[:, None] & kmask[None, :],
+                             other=0.)
+                sp = tl.dot(g.to(tl.float32).to(Q.dtype.element_ty), qs, sp,
                             input_precision=PREC)
                 g_ptrs += BP * C
-                h_ptrs += BP * K
-            sp = pn * sc[None, :]
+                q_ptrs += BP * K
+            rs = tl.load(R + n * C + c, mask=cmask, other=0.)
             acc += rs[:, None] * sp
             # W2 re-read per sample (L2): not held in registers across the
             # pixel loop (the register budget of the two accumulators)
@@ -281,21 +319,18 @@ def _dw2_kernel(
             tl.store(DRP + ((s * tl.num_programs(1) + kb) * N + n) * C + c,
                      tl.sum(w * sp, axis=1) + cs * wbeta, mask=cmask)
         else:
-            # one accumulator over all samples: r scales the g tile and the
-            # GRN scale the u tile as they are loaded (u * scale rounded to
-            # the compute dtype: the forward pw2 GEMM's own A operand)
+            # one accumulator over all samples, both operands as loaded (a
+            # plain pipelined GEMM): da = dout * r and q = u * scale, each
+            # rounded to the compute dtype as the forward / dv GEMMs use them
             for p0 in range(0, p_n, BP):
-                pm = (p0 + q) < p_n
-                g = tl.load(g_ptrs, mask=cmask[:, None] & pm[None, :],
-                            other=0.).to(tl.float32)
-                h = tl.load(h_ptrs, mask=pm[:, None] & kmask[None, :],
-                            other=0.).to(tl.float32)
-                u = _gelu(h).to(Hp.dtype.element_ty).to(tl.float32)
-                qs = (u * sc[None, :]).to(Hp.dtype.element_ty)
-                acc = tl.dot((g * rs[:, None]).to(Hp.dtype.element_ty), qs,
-                             acc, input_precision=PREC)
+                pm = (p0 + pq) < p_n
+                da = tl.load(g_ptrs, mask=cmask[:, None] & pm[None, :],
+                             other=0.)
+                qs = tl.load(q_ptrs, mask=pm[:, None] & kmask[None, :],
+                             other=0.)
+                acc = tl.dot(da, qs, acc, input_precision=PREC)
                 g_ptrs += BP * C
-                h_ptrs += BP * K
+                q_ptrs += BP * K
     tl.store(DW2P + s * C * K + off, acc, mask=m2)
 
 
@@ -321,8 +356,12 @@ class GemmConfig:
 # warpgroup pair) and a register budget without spills (the static gate);
 # interpreter tiles small (tests run hold-out shapes in seconds).
 # dw2_dr (the dW2 GEMM with the layer-scale grad) keeps a second per-sample
-# accumulator: half the tile.
-_GPU_TILES = {'pw1': (128, 128, 64, 8, 3), 'pw2': (128, 128, 64, 8, 3),
+# accumulator: half the tile.  pw1 takes 64 columns: 95 registers, two
+# programs per SM (at 128 columns 168 registers, one: its GELU epilogue
+# holds 64 values per thread); dv at 64 columns still needs 177-233
+# registers (its epilogue's GELU, q, dv and h) and spills under a 128 cap,
+# and 64-row / 4-warp tiles need 160-250: both stay at 128 x 128 / 8 warps.
+_GPU_TILES = {'pw1': (128, 64, 64, 8, 3), 'pw2': (128, 128, 64, 8, 3),
               'dv': (128, 128, 64, 8, 3), 'dw2': (128, 128, 64, 8, 3),
               'dw2_dr': (128, 64, 64, 8, 3)}
 _INTERP_TILES = {'pw1': (32, 32, 32, 4, 1), 'pw2': (32, 32, 32, 4, 1),
@@ -413,110 +452,140 @@ def _check_mlp(z_or_h, name, w, wname, wshape):
     check_same_device([(name, z_or_h), (wname, w)])
 
 
-def pw1_forward(z, w1, b1, sumsq=True):
-    """``h = z W1^T + b1`` of (N, HW, C) ``z`` and (K, C) ``w1`` (both in the
-    compute dtype), in that dtype; with ``sumsq`` also the (N, T, K) fp32
-    per-tile partials of ``S[n, k] = sum_p GELU(h)**2`` (else None; reduced
-    by :func:`.grn_stats.grn_stats_forward`)."""
+def pw1_forward(z, w1, b1, sumsq=True, keep_h=True, emit_u=True):
+    """pw1 of (N, HW, C) ``z`` and (K, C) ``w1`` (both in the compute
+    dtype): ``h = z W1^T + b1`` and ``u = GELU(h)``, both (N, HW, K) in that
+    dtype, each written only when asked (``keep_h``: the backward's saved
+    pre-activation; ``emit_u``: pw2's operand), else None; with ``sumsq``
+    also the (N, T, K) fp32 per-tile partials of ``S[n, k] = sum_p u**2``
+    (else None; reduced by :func:`.grn_stats.grn_stats_forward`).  Returns
+    ``(h, u, partials)``."""
     N, HW, C = z.shape
     K = w1.shape[0] if w1.dim() == 2 else -1
     _check_mlp(z, 'z', w1, 'w1', (K, C))
     check_tensor(b1, 'b1', shape=(K, ), contiguous=True)
-    h = torch.empty((N, HW, K), device=z.device, dtype=z.dtype)
-    check_hidden(h)
+    if not (keep_h or emit_u or sumsq):
+        raise ArgumentError('pw1_forward: nothing to compute (keep_h, '
+                            'emit_u and sumsq all False).')
+
+    def hidden(want):
+        t = torch.empty((N, HW, K) if want else (1, ), device=z.device,
+                        dtype=z.dtype)
+        if want:
+            check_hidden(t)
+        return t
+
+    h, u = hidden(keep_h), hidden(emit_u)
     cfg = launch_config('pw1', N, HW, C, K)
     T = triton.cdiv(HW, cfg.BM)
     part = torch.empty((N, T, K) if sumsq else (1, ), device=z.device,
                        dtype=torch.float32)
-    _launch(cfg, _pw1_kernel, z, w1, b1, h, part, HW, C, K, w1.stride(0),
-            w1.stride(1), SUMSQ=sumsq, PREC=_prec(z.dtype), BM=cfg.BM,
-            BN=cfg.BN, BK=cfg.BK)
-    return h, (part if sumsq else None)
+    _launch(cfg, _pw1_kernel, z, w1, b1, h, u, part, HW, C, K, w1.stride(0),
+            w1.stride(1), WRITE_H=bool(keep_h), WRITE_U=bool(emit_u),
+            SUMSQ=bool(sumsq), PREC=_prec(z.dtype), BM=cfg.BM, BN=cfg.BN,
+            BK=cfg.BK)
+    return (h if keep_h else None, u if emit_u else None,
+            part if sumsq else None)
 
 
-def pw2_residual_forward(h, scale, w2, bias, r, res):
-    """``out = res + r * ((GELU(h) * scale) W2^T + bias)``.
+def pw2_residual_forward(u, scale, w2, bias, r, res):
+    """``out = res + r * ((u * scale) W2^T + bias)``.
 
-    ``h`` (N, HW, K) and ``w2`` (C, K) in the compute dtype, ``scale``
+    ``u`` (N, HW, K) (GELU of the pre-activation, from :func:`pw1_forward`)
+    and ``w2`` (C, K) in the compute dtype, ``scale``
     (N, K) fp32 GRN scale, ``bias`` (C,) fp32 (``W2 beta + b2``), ``r``
     (N, C) fp32, ``res`` (N, HW, C) the residual stream; ``out`` has
     ``res``'s dtype."""
-    check_hidden(h)
-    N, HW, K = h.shape
+    check_hidden(u)
+    N, HW, K = u.shape
     C = w2.shape[0] if w2.dim() == 2 else -1
-    _check_mlp(h, 'h', w2, 'w2', (C, K))
+    _check_mlp(u, 'u', w2, 'w2', (C, K))
     f32 = (torch.float32, )
     check_tensor(scale, 'scale', shape=(N, K), dtypes=f32)
     check_tensor(bias, 'bias', shape=(C, ), dtypes=f32)
     check_tensor(r, 'r', shape=(N, C), dtypes=f32)
     check_tensor(res, 'res', shape=(N, HW, C))
-    check_same_device([('h', h), ('scale', scale), ('bias', bias), ('r', r),
+    check_same_device([('u', u), ('scale', scale), ('bias', bias), ('r', r),
                        ('res', res)])
     out = torch.empty_like(res)
     cfg = launch_config('pw2', N, HW, C, K)
-    _launch(cfg, _pw2_kernel, h, scale, w2, bias, r, res, out, HW, C, K,
-            w2.stride(0), w2.stride(1), PREC=_prec(h.dtype), BM=cfg.BM,
+    _launch(cfg, _pw2_kernel, u, scale, w2, bias, r, res, out, HW, C, K,
+            w2.stride(0), w2.stride(1), PREC=_prec(u.dtype), BM=cfg.BM,
             BN=cfg.BN, BK=cfg.BK)
     return out
 
 
-def dv_backward(dout, r, w2, h):
-    """``dv = (dout * r) W2`` in h's dtype, the (N, T, K) fp32 per-tile
-    partials of ``R = sum_p dv * GELU(h)`` (reduced by
+def dv_backward(dout, r, w2, h, scale, emit_da=False):
+    """``dv = (dout * r) W2`` in h's dtype, ``q = GELU(h) * scale`` in h's
+    dtype (the forward pw2's operand, for :func:`dw2_backward`: GELU once
+    per element here, not once per dW2 channel block), the (N, T, K) fp32
+    per-tile partials of ``R = sum_p dv * GELU(h)`` (reduced by
     :func:`.grn_stats.grn_stats_backward`) and ``colsum = sum_p dout``
-    (N, C) fp32, one kernel.
+    (N, C) fp32, one kernel; with ``emit_da`` also ``da = dout * r`` (N, HW,
+    C) in h's dtype (dW2's other operand when no r grad is needed), else
+    None.  Returns ``(dv, q, da, rpart, colsum)``.
 
-    ``dout`` (N, HW, C), ``r`` (N, C) fp32, ``w2`` (C, K) in h's dtype."""
+    ``dout`` (N, HW, C), ``r`` (N, C) fp32, ``w2`` (C, K) in h's dtype,
+    ``scale`` (N, K) fp32 GRN scale."""
     check_hidden(h)
     N, HW, K = h.shape
     C = w2.shape[0] if w2.dim() == 2 else -1
     _check_mlp(h, 'h', w2, 'w2', (C, K))
     check_tensor(dout, 'dout', shape=(N, HW, C))
-    check_tensor(r, 'r', shape=(N, C), dtypes=(torch.float32, ))
-    check_same_device([('h', h), ('dout', dout), ('r', r)])
-    cfg = launch_config('dv', N, HW, C, K)
-    T = triton.cdiv(HW, cfg.BM)
-    dv = torch.empty_like(h)
-    rpart = torch.empty((N, T, K), device=h.device, dtype=torch.float32)
-    cpart = torch.empty((N, T, C), device=h.device, dtype=torch.float32)
-    _launch(cfg, _dv_kernel, dout, r, w2, h, dv, rpart, cpart, HW, C, K,
-            w2.stride(0), w2.stride(1), PREC=_prec(h.dtype), BM=cfg.BM,
-            BN=cfg.BN, BK=cfg.BK)
-    return dv, rpart, cpart.sum(1)
-
-
-def dw2_backward(dout, r, h, scale, w2, beta, db2, colsum, need_dr=False):
-    """Weight grads of ``out = res + r * ((GELU(h) * scale) W2^T + W2 beta
-    + b2)`` through W2, one GEMM over the pixels.
-
-    Returns ``(dw2 (C, K), dbeta (K,), drw)`` fp32: ``dw2 = sum_n
-    (g_n^T u_n) diag(scale_n) + db2 beta^T`` with ``g = dout * r`` (the r
-    scale applied per sample when ``need_dr``), ``dbeta = W2^T db2``, and
-    when ``need_dr`` ``drw[n, c] = sum_k W2[c, k] (scale[n, k] P[n, c, k] +
-    beta[k] colsum[n, c])`` (the grad of r less ``b2 * colsum``), else None.
-    ``w2`` (C, K) any dtype (read as fp32), ``db2`` (C,) and ``colsum``
-    (N, C) fp32."""
-    check_hidden(h)
-    N, HW, K = h.shape
-    C = w2.shape[0] if w2.dim() == 2 else -1
-    check_tensor(w2, 'w2', shape=(C, K), contiguous=False)
-    check_tensor(dout, 'dout', shape=(N, HW, C))
     f32 = (torch.float32, )
     check_tensor(r, 'r', shape=(N, C), dtypes=f32)
     check_tensor(scale, 'scale', shape=(N, K), dtypes=f32)
+    check_same_device([('h', h), ('dout', dout), ('r', r),
+                       ('scale', scale)])
+    cfg = launch_config('dv', N, HW, C, K)
+    T = triton.cdiv(HW, cfg.BM)
+    dv = torch.empty_like(h)
+    q = torch.empty_like(h)
+    da = torch.empty((N, HW, C) if emit_da else (1, ), device=h.device,
+                     dtype=h.dtype)
+    rpart = torch.empty((N, T, K), device=h.device, dtype=torch.float32)
+    cpart = torch.empty((N, T, C), device=h.device, dtype=torch.float32)
+    _launch(cfg, _dv_kernel, dout, r, w2, h, scale, dv, q, da, rpart, cpart,
+            HW, C, K, w2.stride(0), w2.stride(1), WRITE_DA=bool(emit_da),
+            PREC=_prec(h.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK)
+    return dv, q, (da if emit_da else None), rpart, cpart.sum(1)
+
+
+def dw2_backward(g, r, q, w2, beta, db2, colsum, need_dr=False):
+    """Weight grads of ``out = res + r * (q W2^T + W2 beta + b2)`` (``q =
+    GELU(h) * scale`` per sample, from :func:`dv_backward`) through W2, one
+    GEMM over the pixels.
+
+    ``g`` (N, HW, C): ``dout`` when ``need_dr``, else ``da = dout * r`` in
+    q's dtype (:func:`dv_backward`'s ``emit_da``).
+    Returns ``(dw2 (C, K), dbeta (K,), drw)`` fp32: ``dw2 = sum_n
+    da_n^T q_n + db2 beta^T`` (r applied per sample after the pixels when
+    ``need_dr``), ``dbeta = W2^T db2``, and when ``need_dr``
+    ``drw[n, c] = sum_k W2[c, k] (Q[n, c, k] + beta[k] colsum[n, c])`` with
+    ``Q[n] = dout_n^T q_n`` (the grad of r less ``b2 * colsum``), else None.
+    ``q`` (N, HW, K) in the compute dtype, ``w2`` (C, K) any dtype (read as
+    fp32), ``db2`` (C,) and ``colsum`` (N, C) fp32."""
+    check_hidden(q)
+    N, HW, K = q.shape
+    C = w2.shape[0] if w2.dim() == 2 else -1
+    check_tensor(w2, 'w2', shape=(C, K), contiguous=False)
+    check_tensor(g, 'dout' if need_dr else 'da', shape=(N, HW, C),
+                 dtypes=SUPPORTED_DTYPES if need_dr else (q.dtype, ))
+    f32 = (torch.float32, )
+    check_tensor(r, 'r', shape=(N, C), dtypes=f32)
     check_tensor(beta, 'grn_beta', shape=(K, ))
     check_tensor(db2, 'db2', shape=(C, ), dtypes=f32)
     check_tensor(colsum, 'colsum', shape=(N, C), dtypes=f32)
     cfg = launch_config('dw2_dr' if need_dr else 'dw2', N, HW, C, K)
     S, KB = cfg.grid[2], cfg.grid[1]
-    dev = h.device
+    dev = q.device
     part = torch.empty((S, C, K), device=dev, dtype=torch.float32)
     drp = torch.empty((S, KB, N, C) if need_dr else (1, ), device=dev,
                       dtype=torch.float32)
     dbp = torch.empty((cfg.grid[0], K), device=dev, dtype=torch.float32)
-    _launch(cfg, _dw2_kernel, dout, r, h, scale, w2, beta, db2, colsum, part,
+    _launch(cfg, _dw2_kernel, g, r, q, w2, beta, db2, colsum, part,
             drp, dbp, N, HW, C, K, w2.stride(0), w2.stride(1), cfg.split,
-            NEED_DR=bool(need_dr), PREC=_prec(h.dtype), BC=cfg.BM,
+            NEED_DR=bool(need_dr), PREC=_prec(q.dtype), BC=cfg.BM,
             BK=cfg.BN, BP=cfg.BK)
     dw2 = part[0] if S == 1 else part.sum(0)
     drw = drp.sum((0, 1)) if need_dr else None
