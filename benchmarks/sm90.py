@@ -359,7 +359,23 @@ def _source_range_loops(file: str) -> List[dict]:
     return out
 
 
-def _source_loop_of(loop: dict):
+def _encloses(key, s, inner) -> bool:
+    """Whether Python loop ``s`` (``key`` = (file, index)) strictly encloses
+    the resolved loop ``inner`` = (its key, its loop, its source chain: a
+    line in it, then the call sites outwards): it is another loop and
+    contains that loop's lines, or it contains one of the call
+    sites (the inner loop is in an inlined helper)."""
+    ikey, isrc, chain = inner
+    if key == ikey:
+        return False
+    if key[0] == ikey[0] and s['first'] <= isrc['first'] and \
+            isrc['last'] <= s['last']:
+        return True
+    return any(f == key[0] and s['first'] <= line <= s['last']
+               for f, line in chain[1:])
+
+
+def _source_loop_of(loop: dict, inner=()):
     """The Python ``range`` loop a SASS loop runs, and the source frames
     from it outwards (its line, then each call site up to the kernel).
     Candidates are the loops that enclose at least half of the SASS loop's
@@ -367,7 +383,13 @@ def _source_loop_of(loop: dict):
     lines count for the loop around its call site); of those the innermost:
     hit through the shallowest frames (a loop inside an inlined helper is
     inside the caller's loop around the call), then the shortest.
-    (None, None) when there is none."""
+    ``inner``: the resolved loops of the SASS loops nested in this one
+    (``(key, loop, chain)``, resolved first); a candidate must strictly
+    enclose each of them (:func:`_encloses`) -- a
+    software-pipelined inner loop leaves its prologue (loads of its first
+    stages) in the outer SASS loop's own body, which then looks like the
+    inner Python loop.  Returns (loop, chain, key); Nones when there is
+    none."""
     counts: Dict[tuple, int] = {}
     depth: Dict[tuple, int] = {}
     by_key, chain = {}, {}
@@ -375,7 +397,8 @@ def _source_loop_of(loop: dict):
         hit = {}
         for d, (file, line) in enumerate(frames):
             for i, s in enumerate(_source_range_loops(file)):
-                if s['first'] <= line <= s['last'] and (file, i) not in hit:
+                if s['first'] <= line <= s['last'] and (file, i) not in hit \
+                        and all(_encloses((file, i), s, o) for o in inner):
                     hit[(file, i)] = d
                     by_key[(file, i)] = s
                     chain.setdefault((file, i), frames[d:])
@@ -383,12 +406,12 @@ def _source_loop_of(loop: dict):
             counts[k] = counts.get(k, 0) + 1
             depth[k] = depth.get(k, 0) + d
     if not counts:
-        return None, None
+        return None, None, None
     need = min(max(counts.values()), 0.5 * len(loop['frames']))
     k = min((k for k, v in counts.items() if v >= need),
             key=lambda k: (depth[k] / counts[k],
                            by_key[k]['last'] - by_key[k]['first']))
-    return by_key[k], chain[k]
+    return by_key[k], chain[k], k
 
 
 def _function_at(file: str, line: int):
@@ -471,14 +494,16 @@ def _eval_bound(node, ctx, args: Dict[str, object], depth=0):
     raise _Unresolved
 
 
-def _trip_count(loop: dict, args: Dict[str, object]) -> Optional[int]:
-    """Trip count of a SASS loop: its Python ``range`` loop
-    (:func:`_source_loop_of`), the bounds evaluated by
-    :func:`_eval_bound` with the launch's argument values.  None when no
-    loop is found or a bound depends on loaded data."""
-    src, chain = _source_loop_of(loop)
+def _trip_count(loop: dict, args: Dict[str, object], inner=()):
+    """``(trip count, resolved loop)`` of a SASS loop: its Python ``range``
+    loop (:func:`_source_loop_of`, strictly enclosing ``inner``), the bounds
+    evaluated by :func:`_eval_bound` with the launch's argument values.  The
+    count is None when no loop is found or a bound depends on loaded data;
+    the resolved loop ``(key, loop, chain)`` is None when none is found."""
+    src, chain, key = _source_loop_of(loop, inner)
     if src is None:
-        return None
+        return None, None
+    found = (key, src, chain)
     ctx = [(src['func'], src['first'])]
     for file, line in chain[1:]:  # call sites, outwards
         fn = _function_at(file, line)
@@ -487,9 +512,9 @@ def _trip_count(loop: dict, args: Dict[str, object]) -> Optional[int]:
         ctx.append((fn, line))
     try:
         vals = [_eval_bound(a, ctx, args or {}) for a in src['args']]
-        return len(range(*[int(v) for v in vals]))
+        return len(range(*[int(v) for v in vals])), found
     except (_Unresolved, TypeError, ValueError, ZeroDivisionError):
-        return None
+        return None, found
 
 
 def sass_summary(cubin: bytes, args: Optional[Dict[str, object]] = None
@@ -524,8 +549,17 @@ def sass_summary(cubin: bytes, args: Optional[Dict[str, object]] = None
     loops = sass_loops(instrs, labels)
     weight = {i.addr: 1 for i in instrs}
     unresolved, trips = 0, []
+    # innermost first: an outer loop's Python loop must enclose those of
+    # the loops nested in it
+    found = {}
+    for lp in sorted(loops, key=lambda lp: lp['end'] - lp['start']):
+        inner = [found[id(o)] for o in loops if o is not lp and
+                 lp['start'] <= o['start'] and o['end'] <= lp['end'] and
+                 found.get(id(o)) is not None]
+        t, found[id(lp)] = _trip_count(lp, args or {}, inner)
+        lp['trips'] = t
     for lp in loops:
-        t = _trip_count(lp, args or {})
+        t = lp.pop('trips')
         trips.append(t)
         if t is None:
             unresolved += 1
@@ -543,7 +577,7 @@ def sass_summary(cubin: bytes, args: Optional[Dict[str, object]] = None
 
 _RESOURCES: Dict[tuple, dict] = {}
 # bump when :func:`sass_summary` counts differently (its on-disk cache key)
-_SASS_SUMMARY_VERSION = 5
+_SASS_SUMMARY_VERSION = 7
 
 
 def resources(compiled, args: Optional[Dict[str, object]] = None) -> dict:
