@@ -70,7 +70,7 @@ def torch_mlp(t, dt):
     w2 = a['w2'].to(hi)
     return dict(
         h=h1, u=u1, S=(u1 * u1).sum(1).to(hi), out=out.to(a['res'].dtype),
-        dv=dv, q=q, da=da, R=(dv * u).sum(1).to(hi), colsum=colsum,
+        dv=dv, q=q, R=(dv * u).sum(1).to(hi),
         dw2=(v['r'][:, :, None] * sp).sum(0)
         + v['db2'][:, None] * v['beta'][None],
         dbeta=w2.t() @ v['db2'],
@@ -85,19 +85,16 @@ def run_kernels(t, dt, need_dr):
         out = M.pw2_residual_forward(u, t['scale'], a['w2'], t['bias'],
                                      t['r'], t['res'].to(dt))
         dout = t['dout'].to(dt)
-        dv, q, da, rpart, colsum = M.dv_backward(
-            dout, t['r'], a['w2'], a['h'], t['scale'], emit_da=not need_dr)
+        # da = dout * r as scale_colsum forms it (tested with that op)
+        da = (dout.float() * t['r'][:, None]).to(dt)
+        colsum = dout.float().sum(1)
+        dv, q, rpart = M.dv_backward(da, a['w2'], a['h'], t['scale'])
         dw2, dbeta, drw = M.dw2_backward(
             dout if need_dr else da, t['r'], q, a['w2'], t['beta'],
-            t['db2'], colsum.float(), need_dr)
+            t['db2'], colsum, need_dr)
     # the per-tile partials summed here (the GEMMs' part of S and R)
-    got = dict(h=h, u=u, S=spart.sum(1), out=out, dv=dv, q=q,
-               R=rpart.sum(1), colsum=colsum, dw2=dw2, dbeta=dbeta, drw=drw)
-    if not need_dr:
-        got['da'] = da
-    else:
-        assert da is None
-    return got
+    return dict(h=h, u=u, S=spart.sum(1), out=out, dv=dv, q=q,
+                R=rpart.sum(1), dw2=dw2, dbeta=dbeta, drw=drw)
 
 
 @CONFIGS

@@ -69,7 +69,7 @@ from .gelu_grn import (grn_bwd_apply, grn_pw2_backward, grn_pw2_forward,
 from .grn_stats import grn_scale, grn_stats_backward, grn_stats_forward
 from .mlp_gemm import (dv_backward, dw2_backward, pw1_forward,
                        pw2_residual_forward)
-from .layer_scale_residual import scale_residual_forward
+from .layer_scale_residual import scale_colsum, scale_residual_forward
 from .reference import GRN_EPS, LN_EPS, drop_path_mask
 
 RECOMPUTE_ENV = 'CONVNEXTV2_FAST_RECOMPUTE'
@@ -214,15 +214,14 @@ def backward_inputs(args, fwd_out):
 def _mlp_backward_triton(dout, r, h, S, gamma, beta, w2, b2, eps, need_dr,
                          w2c):
     """:func:`.gelu_grn.grn_pw2_backward`'s contract on the Triton GEMMs of
-    :mod:`.mlp_gemm`: ``dv`` with the ``sum_p dv*u`` and ``sum_p dout``
-    partials in its epilogue (and ``q = u * scale`` for dW2), the GELU/GRN
-    apply (with ``db1``), and the W2 grads in one pixel-reducing GEMM over
-    ``q``."""
+    :mod:`.mlp_gemm`: ``da = dout * r`` with ``sum_p dout`` in one pass,
+    ``dv`` with the ``sum_p dv*u`` partials in its epilogue (and ``q = u *
+    scale`` for dW2), the GELU/GRN apply (with ``db1``), and the W2 grads in
+    one pixel-reducing GEMM over ``q``."""
+    da, colsum = scale_colsum(dout, r, out_dtype=w2c.dtype)
     # the forward's GRN scale (from S alone) for q; the backward statistics
     # kernels recompute the same scale beside t and dgamma
-    dv, q, da, rpart, colsum = dv_backward(dout, r, w2c, h,
-                                           grn_scale(S, gamma, eps),
-                                           emit_da=not need_dr)
+    dv, q, rpart = dv_backward(da, w2c, h, grn_scale(S, gamma, eps))
     scale, t, dgamma = grn_stats_backward(S, rpart, gamma, eps)
     dh, db1 = grn_bwd_apply(h, dv, scale, t)
     del dv

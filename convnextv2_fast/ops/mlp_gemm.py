@@ -15,7 +15,10 @@ Forward (two kernels):
   mode only, ``h`` (the backward's; recompute and inference write ``u``
   alone), both in the compute dtype, and emits per-tile fp32 partial sums
   of ``u**2`` per (sample, hidden channel): the GRN's first global
-  reduction.
+  reduction.  The epilogue stores ``h`` (into ``u``'s buffer when ``h`` is
+  not kept) and runs the GELU on 32-column chunks read back from L2: 114
+  registers and two programs per SM at 128 x 128 tiles (on the register
+  tile 163-255 and one, with spills when ``h`` is stored too).
 - ``_pw2_kernel``: ``out = res + r * ((u * scale_n) W2^T + W2 beta + b2)``
   with the GRN scale ``scale = 1 + gamma * Nx`` applied to the A tile as it
   is loaded (one multiply per element; no (N, C, 4C) folded weight), bias,
@@ -30,12 +33,18 @@ Forward (two kernels):
 
 Backward:
 
-- ``_dv_kernel``: ``dv = (dout * r) W2c`` (``da = dout * r`` formed in the
-  prologue) with an epilogue that recomputes ``u = GELU(h)`` (once per
-  element), emits partials of the GRN's second global reduction ``R =
-  sum_p dv * u`` and writes ``q = u * scale`` (the forward pw2's operand)
-  for the dW2 GEMM; the programs of the first hidden block also emit
-  partial column sums of ``dout`` (the b2 / layer-scale grads).
+- ``da = dout * r`` and the column sums of ``dout`` (the b2 / layer-scale
+  grads) in one pass over ``dout``
+  (:func:`.layer_scale_residual.scale_colsum`, as the cuBLAS path): both
+  GEMMs that need it read ``da`` as loaded.  Formed in dv's prologue instead
+  (with the column sums from the first column block's programs) it cost
+  ~120 instructions per K step in every program and a divergent branch.
+- ``_dv_kernel``: ``dv = da W2c`` with an epilogue that recomputes ``u =
+  GELU(h)`` (once per element), emits partials of the GRN's second global
+  reduction ``R = sum_p dv * u`` and writes ``q = u * scale`` (the forward
+  pw2's operand) for the dW2 GEMM.  The epilogue runs on 32-column chunks
+  of the tile with ``dv`` read back from L2 (126 registers, two programs per
+  SM; on the whole tile 210+, one).
 - the GELU/GRN backward apply (``dh``, with the pw1 bias grad from the same
   pass) stays :func:`.gelu_grn.grn_bwd_apply`; ``dz = dh W1`` and
   ``dW1 = dh^T z`` are cuBLAS (plain GEMMs; folding the apply into both of
@@ -82,12 +91,29 @@ KERNELS = ('pw1', 'pw2', 'dv', 'dw2', 'dw2_dr')
 # GEMM (at least two waves)
 _SMS = 132
 _DW2_MIN_PROGRAMS = 2 * _SMS
+# columns of one chunk of the pw1 / dv GEMMs' GELU epilogues
+_EPILOGUE_COLS = 32
 
 
 @triton.jit
 def _gelu(h):
     """Exact (erf) GELU of fp32 ``h``."""
     return 0.5 * h * (1. + tl.math.erf(h * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_out(h, u_ptrs, part_ptrs, pmask, cmask, WRITE_U: tl.constexpr,
+              SUMSQ: tl.constexpr):
+    """pw1's epilogue on a [rows, cols] tile of ``h`` (compute dtype): ``u =
+    GELU(h)`` rounded to that dtype, stored (if WRITE_U), and the column
+    sums of ``u**2`` over the valid rows (if SUMSQ)."""
+    u = _gelu(h.to(tl.float32)).to(h.dtype)
+    m2 = pmask[:, None] & cmask[None, :]
+    if WRITE_U:
+        tl.store(u_ptrs, u, mask=m2)
+    if SUMSQ:
+        uf = tl.where(m2, u.to(tl.float32), 0.)
+        tl.store(part_ptrs, tl.sum(uf * uf, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -135,7 +161,8 @@ def _pw1_kernel(
         HW, C, K, stride_wk, stride_wc,
         WRITE_H: tl.constexpr, WRITE_U: tl.constexpr, SUMSQ: tl.constexpr,
         PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        EC: tl.constexpr):
     n, t, p, pmask, T, kb, k, kmask, r, a_ptrs, b_ptrs = _gemm_tile(
         Z, W1, HW, K, C, stride_wk, stride_wc, BM, BN, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -148,29 +175,36 @@ def _pw1_kernel(
         b_ptrs += BK * stride_wc
     b1 = tl.load(B1 + k, mask=kmask, other=0.).to(tl.float32)
     h = (acc + b1[None, :]).to(Hp.dtype.element_ty)
-    m2 = pmask[:, None] & kmask[None, :]
     # one 64-bit tile base, 32-bit offsets in the tile
     base = (n * HW + t * BM) * K
-    off = (p - t * BM)[:, None] * K + k[None, :]
-    if WRITE_H:
-        tl.store(Hp + base + off, h, mask=m2)
-        # h read back (this program's own bytes, from L2): with h stored and
-        # u computed from the register tile, the compiler evaluates the GELU
-        # twice, once in the store's layout and once in the accumulator's
-        # (for the sum below) -- 255 registers and spills at 128 x 128; read
-        # back, GELU, the u store and the sum share one layout.  The barrier
-        # orders every thread's stores before any load.
-        tl.debug_barrier()
-        h = tl.load(Hp + base + off, mask=m2, other=0.)
-    if WRITE_U or SUMSQ:
-        # GELU once per element, here: pw2 and the statistics read this u
-        u = _gelu(h.to(tl.float32)).to(Hp.dtype.element_ty)
-        if WRITE_U:
-            tl.store(U + base + off, u, mask=m2)
-        if SUMSQ:
-            uf = tl.where(m2, u.to(tl.float32), 0.)
-            tl.store(PART + (n * T + t) * K + k, tl.sum(uf * uf, axis=0),
-                     mask=kmask)
+    rows = (p - t * BM)[:, None] * K
+    part = PART + (n * T + t) * K
+    if WRITE_H or WRITE_U:
+        # h stored (into u's buffer when it is not kept: overwritten by u
+        # chunk by chunk), then the GELU epilogue on EC-column chunks of the
+        # tile read back (this program's own bytes, from L2, after a
+        # barrier).  On the register tile the compiler evaluated the GELU
+        # twice beside an h store (in the store's layout and in the
+        # accumulator's, for the sum: 255 registers and spills at 128 x
+        # 128), and once without one at 163 registers (one program per SM);
+        # chunked: 117 (two)
+        if WRITE_H:
+            hbuf = Hp + base
+        else:
+            hbuf = U + base
+        tl.store(hbuf + rows + k[None, :], h,
+                 mask=pmask[:, None] & kmask[None, :])
+        if WRITE_U or SUMSQ:
+            tl.debug_barrier()
+            for c0 in range(0, BN, EC):
+                kc = kb * BN + c0 + tl.arange(0, EC)
+                kcm = kc < K
+                off = rows + kc[None, :]
+                _gelu_out(tl.load(hbuf + off, mask=pmask[:, None] &
+                                  kcm[None, :], other=0.), U + base + off,
+                          part + kc, pmask, kcm, WRITE_U, SUMSQ)
+    else:
+        _gelu_out(h, U, part + k, pmask, kmask, False, SUMSQ)
 
 
 @triton.jit
@@ -209,49 +243,48 @@ def _pw2_kernel(
 
 @triton.jit
 def _dv_kernel(
-        DOUT,  # (N, HW, C) grad of the block output, stream dtype
-        R,  # (N, C) fp32 layer scale x drop-path keep scale
+        DA,  # (N, HW, C) dout * r, compute dtype
         W2,  # (C, K) pw2 weight, compute dtype, strides (stride_c, stride_k)
         Hp,  # (N, HW, K) pre-activation, compute dtype
         SCALE,  # (N, K) fp32 GRN scale
         DV,  # (N, HW, K) out: grad of the GRN output, compute dtype
         Q,  # (N, HW, K) out: u * scale, compute dtype (dW2's operand)
-        DA,  # (N, HW, C) out: dout * r, compute dtype (hidden block 0;
-        #      if WRITE_DA: dW2's other operand)
         RPART,  # (N, T, K) fp32 out: per-tile sum of dv * GELU(h)
-        CPART,  # (N, T, C) fp32 out: per-tile sum of dout (hidden block 0)
         HW, C, K, stride_wc, stride_wk,
-        WRITE_DA: tl.constexpr, PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n, t, p, pmask, T, kb, k, kmask, r, g_ptrs, w_ptrs = _gemm_tile(
-        DOUT, W2, HW, K, C, stride_wk, stride_wc, BM, BN, BK)
+        PREC: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        EC: tl.constexpr):
+    n, t, p, pmask, T, kb, k, kmask, r, a_ptrs, w_ptrs = _gemm_tile(
+        DA, W2, HW, K, C, stride_wk, stride_wc, BM, BN, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for c0 in range(0, C, BK):
         rm = (c0 + r) < C
-        g = tl.load(g_ptrs, mask=pmask[:, None] & rm[None, :],
-                    other=0.).to(tl.float32)
-        rs = tl.load(R + n * C + c0 + r, mask=rm, other=0.)
-        da = (g * rs[None, :]).to(W2.dtype.element_ty)
+        a = tl.load(a_ptrs, mask=pmask[:, None] & rm[None, :], other=0.)
         w = tl.load(w_ptrs, mask=rm[:, None] & kmask[None, :], other=0.)
-        acc = tl.dot(da, w, acc, input_precision=PREC)
-        if kb == 0:
-            tl.store(CPART + (n * T + t) * C + c0 + r, tl.sum(g, axis=0),
-                     mask=rm)
-            if WRITE_DA:
-                tl.store(DA + n * HW * C + p[:, None] * C + c0 + r[None, :],
-                         da, mask=pmask[:, None] & rm[None, :])
-        g_ptrs += BK
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+        a_ptrs += BK
         w_ptrs += BK * stride_wc
-    m2 = pmask[:, None] & kmask[None, :]
-    off = n * HW * K + p[:, None] * K + k[None, :]
-    dv = acc.to(DV.dtype.element_ty)
-    tl.store(DV + off, dv, mask=m2)
-    h = tl.load(Hp + off, mask=m2, other=0.).to(tl.float32)
-    u = _gelu(h).to(Hp.dtype.element_ty).to(tl.float32)
-    s = tl.load(SCALE + n * K + k, mask=kmask, other=0.)
-    tl.store(Q + off, (u * s[None, :]).to(Q.dtype.element_ty), mask=m2)
-    tl.store(RPART + (n * T + t) * K + k,
-             tl.sum(dv.to(tl.float32) * u, axis=0), mask=kmask)
+    base = (n * HW + t * BM) * K  # the tile's 64-bit base, 32-bit offsets
+    rows = (p - t * BM)[:, None] * K
+    tl.store(DV + base + rows + k[None, :], acc.to(DV.dtype.element_ty),
+             mask=pmask[:, None] & kmask[None, :])
+    # the GELU epilogue on EC-column chunks of the tile, dv read back (this
+    # program's own bytes, from L2, after a barrier): the whole-tile
+    # epilogue held 64 GELU values per thread next to the accumulator (210+
+    # registers, one program per SM); per chunk 126 (two)
+    tl.debug_barrier()
+    for c0 in range(0, BN, EC):
+        kc = kb * BN + c0 + tl.arange(0, EC)
+        kcm = kc < K
+        mc = pmask[:, None] & kcm[None, :]
+        off = base + rows + kc[None, :]
+        dv = tl.load(DV + off, mask=mc, other=0.).to(tl.float32)
+        h = tl.load(Hp + off, mask=mc, other=0.).to(tl.float32)
+        u = _gelu(h).to(Hp.dtype.element_ty).to(tl.float32)
+        s = tl.load(SCALE + n * K + kc, mask=kcm, other=0.)
+        tl.store(Q + off, (u * s[None, :]).to(Q.dtype.element_ty), mask=mc)
+        tl.store(RPART + (n * T + t) * K + kc, tl.sum(dv * u, axis=0),
+                 mask=kcm)
 
 
 @triton.jit
@@ -361,10 +394,10 @@ class GemmConfig:
 # holds 64 values per thread); dv at 64 columns still needs 177-233
 # registers (its epilogue's GELU, q, dv and h) and spills under a 128 cap,
 # and 64-row / 4-warp tiles need 160-250: both stay at 128 x 128 / 8 warps.
-_GPU_TILES = {'pw1': (128, 64, 64, 8, 3), 'pw2': (128, 128, 64, 8, 3),
+_GPU_TILES = {'pw1': (128, 128, 64, 8, 3), 'pw2': (128, 128, 64, 8, 3),
               'dv': (128, 128, 64, 8, 3), 'dw2': (128, 128, 64, 8, 3),
               'dw2_dr': (128, 64, 64, 8, 3)}
-_INTERP_TILES = {'pw1': (32, 32, 32, 4, 1), 'pw2': (32, 32, 32, 4, 1),
+_INTERP_TILES = {'pw1': (32, 32, 32, 4, 1), 'pw2': (128, 128, 64, 8, 3),
                  'dv': (32, 32, 32, 4, 1), 'dw2': (32, 32, 32, 4, 1),
                  'dw2_dr': (32, 32, 32, 4, 1)}
 
@@ -483,7 +516,7 @@ def pw1_forward(z, w1, b1, sumsq=True, keep_h=True, emit_u=True):
     _launch(cfg, _pw1_kernel, z, w1, b1, h, u, part, HW, C, K, w1.stride(0),
             w1.stride(1), WRITE_H=bool(keep_h), WRITE_U=bool(emit_u),
             SUMSQ=bool(sumsq), PREC=_prec(z.dtype), BM=cfg.BM, BN=cfg.BN,
-            BK=cfg.BK)
+            BK=cfg.BK, EC=min(_EPILOGUE_COLS, cfg.BN))
     return (h if keep_h else None, u if emit_u else None,
             part if sumsq else None)
 
@@ -515,40 +548,33 @@ def pw2_residual_forward(u, scale, w2, bias, r, res):
     return out
 
 
-def dv_backward(dout, r, w2, h, scale, emit_da=False):
-    """``dv = (dout * r) W2`` in h's dtype, ``q = GELU(h) * scale`` in h's
-    dtype (the forward pw2's operand, for :func:`dw2_backward`: GELU once
-    per element here, not once per dW2 channel block), the (N, T, K) fp32
-    per-tile partials of ``R = sum_p dv * GELU(h)`` (reduced by
-    :func:`.grn_stats.grn_stats_backward`) and ``colsum = sum_p dout``
-    (N, C) fp32, one kernel; with ``emit_da`` also ``da = dout * r`` (N, HW,
-    C) in h's dtype (dW2's other operand when no r grad is needed), else
-    None.  Returns ``(dv, q, da, rpart, colsum)``.
+def dv_backward(da, w2, h, scale):
+    """``dv = da W2`` (``da = dout * r``, from
+    :func:`.layer_scale_residual.scale_colsum`) in h's dtype, ``q = GELU(h)
+    * scale`` in h's dtype (the forward pw2's operand, for
+    :func:`dw2_backward`: GELU once per element here, not once per dW2
+    channel block) and the (N, T, K) fp32 per-tile partials of ``R = sum_p
+    dv * GELU(h)`` (reduced by :func:`.grn_stats.grn_stats_backward`), one
+    kernel.  Returns ``(dv, q, rpart)``.
 
-    ``dout`` (N, HW, C), ``r`` (N, C) fp32, ``w2`` (C, K) in h's dtype,
-    ``scale`` (N, K) fp32 GRN scale."""
+    ``da`` (N, HW, C) and ``w2`` (C, K) in h's dtype, ``scale`` (N, K) fp32
+    GRN scale."""
     check_hidden(h)
     N, HW, K = h.shape
     C = w2.shape[0] if w2.dim() == 2 else -1
     _check_mlp(h, 'h', w2, 'w2', (C, K))
-    check_tensor(dout, 'dout', shape=(N, HW, C))
-    f32 = (torch.float32, )
-    check_tensor(r, 'r', shape=(N, C), dtypes=f32)
-    check_tensor(scale, 'scale', shape=(N, K), dtypes=f32)
-    check_same_device([('h', h), ('dout', dout), ('r', r),
-                       ('scale', scale)])
+    check_tensor(da, 'da', shape=(N, HW, C), dtypes=(h.dtype, ))
+    check_tensor(scale, 'scale', shape=(N, K), dtypes=(torch.float32, ))
+    check_same_device([('h', h), ('da', da), ('scale', scale)])
     cfg = launch_config('dv', N, HW, C, K)
     T = triton.cdiv(HW, cfg.BM)
     dv = torch.empty_like(h)
     q = torch.empty_like(h)
-    da = torch.empty((N, HW, C) if emit_da else (1, ), device=h.device,
-                     dtype=h.dtype)
     rpart = torch.empty((N, T, K), device=h.device, dtype=torch.float32)
-    cpart = torch.empty((N, T, C), device=h.device, dtype=torch.float32)
-    _launch(cfg, _dv_kernel, dout, r, w2, h, scale, dv, q, da, rpart, cpart,
-            HW, C, K, w2.stride(0), w2.stride(1), WRITE_DA=bool(emit_da),
-            PREC=_prec(h.dtype), BM=cfg.BM, BN=cfg.BN, BK=cfg.BK)
-    return dv, q, (da if emit_da else None), rpart, cpart.sum(1)
+    _launch(cfg, _dv_kernel, da, w2, h, scale, dv, q, rpart, HW, C, K,
+            w2.stride(0), w2.stride(1), PREC=_prec(h.dtype), BM=cfg.BM,
+            BN=cfg.BN, BK=cfg.BK, EC=min(_EPILOGUE_COLS, cfg.BN))
+    return dv, q, rpart
 
 
 def dw2_backward(g, r, q, w2, beta, db2, colsum, need_dr=False):
@@ -557,7 +583,7 @@ def dw2_backward(g, r, q, w2, beta, db2, colsum, need_dr=False):
     GEMM over the pixels.
 
     ``g`` (N, HW, C): ``dout`` when ``need_dr``, else ``da = dout * r`` in
-    q's dtype (:func:`dv_backward`'s ``emit_da``).
+    q's dtype (:func:`.layer_scale_residual.scale_colsum`).
     Returns ``(dw2 (C, K), dbeta (K,), drw)`` fp32: ``dw2 = sum_n
     da_n^T q_n + db2 beta^T`` (r applied per sample after the pixels when
     ``need_dr``), ``dbeta = W2^T db2``, and when ``need_dr``
