@@ -30,12 +30,23 @@ show the trend: they fall with H only through the border rows and the
 weight traffic (``_to_copy`` of weights, the W2 fold), which do not grow
 with the image.
 
-What the fit cannot see: a grid capped in programs (today's wgrad: 512)
+What the fit cannot see: a grid capped in programs (the wgrad's one round
+of programs)
 gives each program more tiles at full size, so its per-program reuse
 distance grows.  The depthwise kernels are therefore also run at the FULL
 shape with 4 random programs each (``basis='sampled'``; l1/l2/own figures
 extrapolated x programs / programs_run, ``hbm_B`` not measured, torch ops
 replaced by uninitialised outputs).
+
+Nor a split whose count follows the size: the Triton MLP's dW2 GEMM splits
+the pixels over S programs per (C, K) tile with fp32 (S, C, K) partials
+(:func:`convnextv2_fast.ops.mlp_gemm.launch_config`).  At stage 1 the run
+heights hit the 64-pixel floor of a split, so S doubles with H (32, 64) and
+the fit extrapolates the partials' bytes (the kernel's stores, the torch sum
+that reads them) as ~16 bytes per block element where the full shape (S =
+64 of 1024 pixels) moves ~1: an overcount of ~30 B/element in
+``fast_mlp``'s stage-1 backward.  Stages 2-4 keep the full shape's S (16,
+4 of 5, 2) at both heights.
 
 Rows (consumed as data by the performance model): ``suite, shape (full-size
 name), H, W (size run, or full for fit/sampled), basis, provider, phase
