@@ -70,10 +70,12 @@ program requests from L2 after its own L1 reuse, i.e. its unique footprint):
 kernel     HBM (halo, taps, re-reads hit L2)    L2->SM (re-read factor of x/dy)
 =========  ===================================  ===============================
 fwd 4x8    s_x + s_c + 8/C                       4.38 s_x + 6.1 + s_c (4.38x)
-ln_bwd     s_x + 2 s_c + 8/C                     3.06 s_x + 3.06 + 3 s_c (3.06x)
+bwd 8x8    s_x + 2 s_c + 8/C                     3.06 s_x + 3.06 + 3 s_c (3.06x)
 bwd 4x8    s_x + 2 s_c + 8/C                     4.38 s_x + 6.1 + 3 s_c (4.38x)
 fwd 4x4    s_x + s_c + 8/C                       6.25 s_x + 12.25 + s_c (6.25x)
 bwd 4x4    s_x + 2 s_c + 8/C                     6.25 s_x + 12.25 + 3 s_c
+fwd 2x4    s_x + s_c + 8/C                       10 s_x + 24.5 + s_c (10x)
+bwd 2x4    s_x + 2 s_c + 8/C                     10 s_x + 24.5 + 3 s_c
 dgrad      s_c + 2 s_x (dy, dres, dx)            1.89 s_c + 2 s_x (16x16 unit)
 wgrad      s_c + s_x + 196 G / M                 s_c + 1.89 s_x (16x16 unit)
 =========  ===================================  ===============================
@@ -362,10 +364,7 @@ def _dwconv_dgrad_kernel(
                 acc += tl.load(RES + p + j * C, mask=m, other=0.).to(
                     tl.float32)
             tl.store(DX + p + j * C, acc.to(DX.dtype.element_ty), mask=m)
-        drop = ()  # slide: the oldest row leaves the window
-        for q in tl.static_range(6 * (TW + 6)):
-            drop = drop + (win[TW + 6 + q], )
-        win = drop
+        win = _slide(win, TW)
 
 
 @triton.jit
@@ -424,10 +423,7 @@ def _dwconv_wgrad_kernel(
                     a += win[(k // 7) * (TW + 6) + j + k % 7] * dys[j]
                 upd = upd + (a, )
             accs = upd
-            drop = ()  # slide: the oldest row leaves the window
-            for q in tl.static_range(6 * (TW + 6)):
-                drop = drop + (win[TW + 6 + q], )
-            win = drop
+            win = _slide(win, TW)
     cc = tl.program_id(1) * BC + tl.arange(0, BC)
     for k in tl.static_range(49):
         tl.store(PART + (g * 49 + k) * C + cc,
@@ -447,6 +443,16 @@ def _x_row(X, n, hh, w0, c, okc, H, W, C: tl.constexpr, TW: tl.constexpr,
         row = row + (tl.load(p + (q - 3) * C, mask=ok & (ww >= 0) & (ww < W),
                              other=0.).to(tl.float32), )
     return row
+
+
+@triton.jit
+def _slide(win, TW: tl.constexpr):
+    """A 7-row window of ``_x_row`` rows less its oldest row (the first
+    TW+6 values): the 6 rows the next output row shares with this one."""
+    rest = ()
+    for q in tl.static_range(6 * (TW + 6)):
+        rest = rest + (win[TW + 6 + q], )
+    return rest
 
 
 # --------------------------------------------------------------------------

@@ -53,8 +53,9 @@ Backward:
   profile to justify).
 - ``_dw2_kernel``: ``dW2 = sum_n g_n^T q_n + db2 beta^T`` as a GEMM
   reducing over pixels, ``q`` read as written by ``_dv_kernel`` (it reads
-  the same bytes as ``h`` would, without the erf per channel block: 92K
-  instructions per warp at stage 3 when it recomputed GELU); for the
+  the same bytes as ``h`` would, without the erf per channel block, and
+  the operands go to the dot as loaded: 3.1K instructions per warp at
+  stage 3); for the
   layer-scale grad each program keeps a sample's partial product in
   registers, so the per-sample ``r`` and ``sum_k W2 Q`` are applied there:
   no (N, C, K) tensor.  The
@@ -290,7 +291,7 @@ def _dv_kernel(
 @triton.jit
 def _dw2_kernel(
         G,  # (N, HW, C): dout (if NEED_DR), else da = dout * r (compute
-        #     dtype, from _dv_kernel)
+        #     dtype, from scale_colsum)
         R,  # (N, C) fp32 layer scale x drop-path keep scale (if NEED_DR)
         Q,  # (N, HW, K) u * GRN scale, compute dtype (from _dv_kernel)
         W2,  # (C, K) pw2 weight, any dtype, strides (stride_c, stride_k)
