@@ -66,8 +66,9 @@ implicit GEMMs -- on tensor cores at ``gemm_eff``; depthwise convolutions and
 their backward on CUDA cores at ``conv_eff``, perf_model's class rule) and the
 launch floor ``min_kernel_us`` per op.  The sparse depthwise-conv ops take
 their time from :mod:`benchmarks.model_sparse_dwconv` instead (forward, input
-gradient, weight gradient on the path ``conv_tile`` picks on a GPU: tile 8 /
-tile 4 / gather / gather by stage; its bytes, L2, wavefronts and issue with
+gradient, weight gradient on the path ``conv_tile`` / ``conv_skip`` pick on a
+GPU: tensor-core / FFMA 8x8 tiles at stage 1, the skip path at stages 2-4; its
+bytes, L2, wavefronts and issue with
 the GPU's constants from perf_model; two launches for the weight gradient:
 kernel + reduce).
 
@@ -108,7 +109,7 @@ from convnextv2_fast.models import sparse_encoder
 from convnextv2_fast.models.sparse_encoder import (SparseConvNeXtV2,
                                                    dense_masked_encoder_forward)
 from convnextv2_fast.sparse._ops import sparse_ops
-from convnextv2_fast.sparse.dwconv import conv_tile
+from convnextv2_fast.sparse.dwconv import conv_skip, conv_tile
 from convnextv2_fast.sparse.layout import build_layouts, stage_visible_mask
 
 MODEL_NOTE = perf_model.MODEL_NOTE
@@ -128,8 +129,9 @@ MLP_IMPL = {'sparse': 'triton', 'sparse_torch': 'torch'}  # counted provider -> 
 PARTS = ('layout', 'stem', 's1', 's2', 's3', 's4')
 PHASES = ('fwd', 'bwd', 'fwd+bwd')
 GATE_VS_EAGER, GATE_VS_COMPILE = 0.4, 0.6  # issue 11: sparse / dense-masked, fwd+bwd
-EXT_FWD = ('sparse_dwconv_fwd', 'sparse_dwconv_tile_fwd', 'sparse_dwconv_mma_fwd')
-EXT_WGRAD = ('sparse_dwconv_bwd_weight', 'sparse_dwconv_tile_wgrad')
+EXT_FWD = ('sparse_dwconv_fwd', 'sparse_dwconv_tile_fwd', 'sparse_dwconv_mma_fwd',
+           'sparse_dwconv_skip_fwd')
+EXT_WGRAD = ('sparse_dwconv_bwd_weight', 'sparse_dwconv_tile_wgrad', 'sparse_dwconv_skip_wgrad')
 COLUMNS = ['gpu', 'provider', 'phase', 'part', 'time_us', 'ratio_vs_eager',
            'ratio_vs_compile', 'calls', 'hbm_MB', 'GFLOP', 'bound_share', 'class_share',
            'top_ops']
@@ -301,7 +303,7 @@ def warm_layouts(layouts) -> None:
         lay.site_long()
         lay.neighbour_rows()
         for dev in ('cpu', 'cuda'):
-            tile = conv_tile(lay, device_type=dev)
+            tile = conv_tile(lay, device_type=dev) or conv_skip(lay, device_type=dev)
             if tile:
                 lay.tile_halo_rows(tile)
         if i:
@@ -404,15 +406,19 @@ def _layouts_on(layouts, fm, device):
 def count_layout_build(N: int, size: int, mask: torch.Tensor) -> List[dict]:
     """Records of what the sparse step does before its first GEMM on real
     tensors: ``SparseConvNeXtV2.layouts`` (mask check, the four stage layouts)
-    and the tables the GPU forward reads (tiles 8/4, gathers, down indices)."""
+    and the tables the GPU forward reads (the halo tables of the tile and skip
+    paths, gathers, down indices)."""
     with torch.device('meta'):
         enc = SparseConvNeXtV2(arch='base', init_cfg=None)
     x = torch.empty(1, 3, 1, 1).expand(N, 3, size, size)
     with OpCounter('fwd', []) as c:
         lays = enc.layouts(x, mask)
         for i, lay in enumerate(lays):
-            tile = conv_tile(lay, device_type='cuda')
-            lay.tile_halo_rows(tile) if tile else lay.neighbour_rows()
+            tile = msd.gpu_path(lay)
+            if tile:
+                lay.tile_halo_rows(int(str(tile).replace('skip', '')))
+            else:
+                lay.neighbour_rows()
             lay.down_index(lays[i - 1]) if i else lay.site_long()
     return c.records
 
@@ -498,7 +504,7 @@ def dwconv_passes(layouts, gpu: dict, channels=shapes.V2B_CHANNELS,
     hw = dwconv_hw(gpu)
     out = {}
     for lay, C in zip(layouts, channels):
-        tile = conv_tile(lay, device_type='cuda')
+        tile = msd.gpu_path(lay)
         for kind in ('fwd', 'dgrad', 'wgrad'):
             out[(lay.num_rows, kind)] = msd.model_layout_pass(kind, lay, C, dtype, tile, hw)
     return out

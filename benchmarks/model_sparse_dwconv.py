@@ -82,7 +82,8 @@ if ROOT not in sys.path:
 
 from benchmarks import shapes  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
-from convnextv2_fast.sparse.dwconv import MMA_DTYPES, TILES, conv_tile, mma_applies  # noqa: E402
+from convnextv2_fast.sparse.dwconv import (MMA_DTYPES, TILES, conv_skip, conv_tile,  # noqa: E402
+                                          mma_applies)
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 H200 = dict(hbm_Bps=4.8e12, l2_Bps=8.0e12, sms=132, clk_hz=1.98e9, issue_per_clk=4,
@@ -331,12 +332,173 @@ def model_mma_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor, hw=H2
     return dict(pass_='fwd', path='mma8', M=M, C=C, V=8, rows_per_cta=per * 128, **t)
 
 
+# Skip path (sparse_dwconv_skip_fwd_kernel / sparse_dwconv_skip_wgrad_kernel;
+# SkipGeom in sparse_dwconv_math.h): one warp per (tile, 32 V channels), 4 warps
+# a CTA; the halo row is loaded coalesced (one word of 32 entries a lane) and
+# balloted, each source tile tested against its bit masks, and only visible
+# source pixels are loaded (a shuffle for the row, an IMAD.WIDE.U32 for the
+# address, the load, the widening) and multiplied into the outputs they reach
+# (taps compile-time constants, in registers).  Warp instructions, read from
+# the sm_90 SASS of the build (bf16 V = 2, TS = 1 / 2; fp32 / fp16 alike up to
+# the widening; skip_static_instr checks the same constants against the static
+# count of every instantiation, tests/test_model_sparse_dwconv.py):
+# * per tile: base + word x halo words (address, load, compare, ballot);
+# * per source tile: absent (a masked compare writing a predicate, a branch)
+#   when it has no visible pixel; with one, present (+ the "all" compare and
+#   branch; TS = 1: none, the pixel is the tile) and, fully visible, tile
+#   (UMOV + BRA.DIV before the first shuffle);
+# * per visible pixel: px (SHFL, the 64-bit add of the premultiplied offset,
+#   LDG) in a fully visible source tile, px_part in a partly visible one (+ its
+#   bit test, branch and divergence check), plus cvt per 16-bit value widened,
+#   plus V FFMA per output it reaches;
+# * per own pixel: own_fwd (bit test, shuffle, pack, address, store) or
+#   own_wgrad (bit test, shuffle, address, the dy load, its bias FADDs), plus
+#   cvt per widened value;
+# * per warp once: skip_setup (the forward's 49 taps loaded and widened: the
+#   straight-line code before the tile loop; setup_word per halo word past
+#   two, hoisted there for TS = 4) or the weight gradient's
+#   epilogue, wg_epilogue per (tap, channel): the warps' fixed-order sum.
+SKIP_TILES = (1, 2, 4)
+SKIP_WARPS = 4
+SKIP_TPW = {1: 8, 2: 8, 4: 4}          # skip_tiles_per_warp in the .cu
+SKIP_VEC = {1: 2, 2: 2, 4: 1}          # SkipGeom<TS>::kVec
+SKIP_WGRAD_VEC = {1: 2, 2: 2, 4: 1}    # SkipGeom<TS>::kWgradVec
+SKIP_WGRAD_TILES = {t: 256 // t**2 for t in SKIP_TILES}  # SkipGeom<TS>::kWgradTiles
+SKIP_CONST = dict(base=6, word=10, absent=2, present=2, tile=2, px=4, px_part=8, cvt=1,
+                  own_fwd=8, own_wgrad=7, wg_epilogue=3, setup_word=14)
+SKIP_SETUP = {('float32', 1): 158, ('float32', 2): 158, ('bfloat16', 1): 208,
+              ('bfloat16', 2): 310, ('float16', 1): 208, ('float16', 2): 260}
+
+
+def skip_setup(dtype: str, V: int, words: int) -> float:
+    """Warp instructions of the skip forward's prologue (SKIP_SETUP)."""
+    return SKIP_SETUP[(dtype, V)] + SKIP_CONST['setup_word'] * max(0, words - 2)
+
+
+def skip_geometry(tile: int):
+    """(source tile of each halo pixel [HP], outputs each halo pixel reaches [HP],
+    source tiles) for the skip path of ``tile`` (SkipGeom / skip_lo / skip_hi)."""
+    side, reach = tile + 6, (tile + 2) // tile
+    nsrc = 2 * reach + 1
+    h = torch.arange(side)
+    s1 = torch.div(h - 3, tile, rounding_mode='floor') + reach
+    o = torch.arange(tile)
+    r1 = ((h[:, None] - o[None, :] >= 0) & (h[:, None] - o[None, :] <= 6)).sum(1)
+    src = (s1[:, None] * nsrc + s1[None, :]).reshape(-1)
+    reach_px = (r1[:, None] * r1[None, :]).reshape(-1)
+    return src, reach_px, nsrc * nsrc
+
+
+def skip_counts(halo: torch.Tensor, tile: int) -> dict:
+    """Totals over the K tiles of the halo table: source tiles fully / partly
+    visible, visible pixels in each kind, products (pixel x output pairs),
+    visible own pixels."""
+    src, reach_px, nsrc = skip_geometry(tile)
+    pres = halo >= 0
+    size = torch.bincount(src, minlength=nsrc)
+    cnt = torch.zeros(halo.shape[0], nsrc, dtype=torch.long).index_add_(1, src, pres.long())
+    full, part = cnt == size, (cnt > 0) & (cnt < size)
+    side = tile + 6
+    own = pres.view(-1, side, side)[:, 3:3 + tile, 3:3 + tile]
+    return dict(K=halo.shape[0], nsrc=nsrc, full_tiles=int(full.sum()),
+                part_tiles=int(part.sum()), px_full=int((cnt * full).sum()),
+                px_part=int((cnt * part).sum()), pairs=int((pres.long() * reach_px).sum()),
+                own=int(own.sum()), words=-(-side * side // 32))
+
+
+def skip_static_instr(tile: int, V: int, e: int, kind: str = 'fwd', c=None) -> dict:
+    """The instantiation's static SASS as the constants above predict it: the
+    tile loop (``loop``: instructions other than FFMA) holds each source
+    tile's tests and full-tile code once and (TS > 1) its per-pixel code
+    once, the own pixels once; ``ffma``: V per product in each copy; the
+    weight gradient's ``epilogue``: the warps' sum unrolled over the
+    SKIP_WARPS warps (each warp runs one copy: wg_epilogue per (tap, channel)
+    in the dynamic count)."""
+    c = c or SKIP_CONST
+    side = tile + 6
+    src, reach_px, nsrc = skip_geometry(tile)
+    hp, words = side * side, -(-side * side // 32)
+    cvt = c['cvt'] * V if e < 4 else 0
+    body = nsrc * (c['absent'] + c['tile']) + hp * (c['px'] + cvt)
+    copies = 1
+    if tile > 1:
+        body += nsrc * c['present'] + hp * (c['px_part'] + cvt)
+        copies = 2
+    own = (c['own_wgrad'] + V + cvt) if kind == 'wgrad' else c['own_fwd']
+    return dict(loop=c['base'] + c['word'] * words + body + own * tile * tile,
+                ffma=copies * V * int(reach_px.sum()),
+                epilogue=SKIP_WARPS * c['wg_epilogue'] * (TAPS + 1) * V if kind == 'wgrad'
+                else None)
+
+
+def _skip_distinct_rows(halo: torch.Tensor, tiles_per_cta: int) -> int:
+    """Sum over CTAs of the distinct visible rows their tiles read (L1 holds a
+    CTA's rows: each is fetched from L2 once per CTA and channel block)."""
+    K = halo.shape[0]
+    cta = torch.arange(K).div(tiles_per_cta, rounding_mode='floor')[:, None].expand_as(halo)
+    ok = halo >= 0
+    return torch.unique(cta[ok] * (int(halo.max()) + 2) + halo[ok].long()).numel()
+
+
+def skip_warp_instr(n: dict, V: int, e: int, kind: str = 'fwd', c=None) -> float:
+    """Warp instructions of one channel block over every tile (counts ``n`` from
+    :func:`skip_counts`), setup and epilogue excluded."""
+    c = c or SKIP_CONST
+    cvt = c['cvt'] * V if e < 4 else 0
+    K, vis = n['K'], n['full_tiles'] + n['part_tiles']
+    tests = K * n['nsrc'] * c['absent'] + (vis * c['present'] if n['nsrc'] != 49 else 0)
+    own = c['own_wgrad'] + V + cvt if kind == 'wgrad' else c['own_fwd']
+    return (K * (c['base'] + c['word'] * n['words']) + tests + n['full_tiles'] * c['tile']
+            + (c['px'] + cvt) * n['px_full'] + (c['px_part'] + cvt) * n['px_part']
+            + V * n['pairs'] + own * n['own'])
+
+
+def model_skip_pass(kind: str, M: int, C: int, dtype: torch.dtype, halo: torch.Tensor,
+                    tile: int, hw=H200) -> dict:
+    """Forward / input gradient (``kind`` 'fwd') or weight gradient ('wgrad') on
+    the skip path for the int32 [K, (tile + 6)^2] halo table of a real layout."""
+    e = torch.empty((), dtype=dtype).element_size()
+    n = skip_counts(halo, tile)
+    K, hp = n['K'], (tile + 6)**2
+    wgrad = kind == 'wgrad'
+    V = (SKIP_WGRAD_VEC if wgrad else SKIP_VEC)[tile]
+    blocks = -(-C // (32 * V))
+    per_cta = SKIP_WGRAD_TILES[tile] if wgrad else SKIP_WARPS * SKIP_TPW[tile]
+    ctas = max(1, -(-K // per_cta)) * blocks
+    io = 2 * M * C * e          # fwd: read x, write y; wgrad: read dy and x
+    hbm = io + K * hp * 4 + TAPS * C * (4 if wgrad else e)
+    l2 = _skip_distinct_rows(halo, per_cta) * C * e + K * blocks * hp * 4 + M * C * e
+    if wgrad:
+        part = max(1, -(-K // per_cta)) * (TAPS + 1) * C * 4
+        hbm += 2 * part
+        l2 += 2 * part
+    vec_wf = -(-32 * V * e // hw['wavefront_B'])
+    px = n['px_full'] + n['px_part']
+    # per channel block: halo words, one shuffle (MIO) per visible pixel and own
+    # pixel, the feature loads and own-pixel stores (dy loads) of 32 V channels
+    wf = blocks * (K * n['words'] + (px + n['own']) + (px + n['own']) * vec_wf)
+    instr = blocks * skip_warp_instr(n, V, e, kind)
+    if wgrad:  # the fixed-order sum: a shared load / store per (tap, channel) and warp
+        wf += ctas * SKIP_WARPS * (TAPS + 1) * V * 2
+        instr += ctas * SKIP_WARPS * SKIP_CONST['wg_epilogue'] * (TAPS + 1) * V
+    else:
+        instr += ctas * SKIP_WARPS * skip_setup(str(dtype).split('.')[-1], V, n['words'])
+    ffma = n['pairs'] * blocks * V
+    t = _times(io, hbm, l2, wf, instr, ffma, hw)
+    return dict(pass_=kind, path=f'skip{tile}', M=M, C=C, V=V, rows_per_cta=per_cta * tile**2,
+                **t)
+
+
 def model_layout_pass(kind: str, lay, C: int, dtype: torch.dtype, tile: int, hw=H200,
                       table=None, mma=None) -> dict:
     """One pass (``'fwd'``, ``'dgrad'`` or ``'wgrad'``) of the conv on the path
     ``tile`` (0 = the gather) for the real layout ``lay`` (a ``StageLayout``);
     forward / input gradient on tensor cores where ``mma`` says so (None: where
     ``conv_mma`` takes it on CUDA: ``mma_applies``)."""
+    if isinstance(tile, str) and tile.startswith('skip'):
+        t = int(tile[4:])
+        return model_skip_pass('wgrad' if kind == 'wgrad' else 'fwd', lay.num_rows, C, dtype,
+                               lay.tile_halo_rows(t), t, hw)
     if kind == 'wgrad' and tile:
         return model_tile_wgrad_pass(lay.num_rows, C, dtype, lay.tile_halo_rows(tile), tile,
                                      hw)
@@ -350,13 +512,23 @@ def model_layout_pass(kind: str, lay, C: int, dtype: torch.dtype, tile: int, hw=
                       lay.neighbour_rows() if table is None else table, hw)
 
 
+def gpu_path(lay):
+    """The path the code takes on the GPU for layout ``lay``: the FFMA / tensor-core
+    tile size (:func:`conv_tile`), else ``'skip<T>'`` (:func:`conv_skip`), else 0
+    (the gather)."""
+    tile = conv_tile(lay, device_type='cuda')
+    sk = 0 if tile else conv_skip(lay, device_type='cuda')
+    return f'skip{sk}' if sk else tile
+
+
 def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
         mask_ratio: float = shapes.FCMAE_MASK_RATIO, dtype=torch.bfloat16,
         stages=(0, 1, 2, 3), progress=None, path=None) -> List[dict]:
     """Rows of every stage and pass; ``path``: None = the path the code takes
-    (:func:`conv_tile`, :func:`conv_mma`), 0 = the gather, 2/4/8 = that FFMA
-    tile size, ``'mma8'`` = the tensor-core 8x8 tiles (fwd/dgrad; the weight
-    gradient then takes tile 8)."""
+    (:func:`conv_tile`, :func:`conv_mma`, :func:`conv_skip`), 0 = the gather,
+    2/4/8 = that FFMA tile size, ``'mma8'`` = the tensor-core 8x8 tiles
+    (fwd/dgrad; the weight gradient then takes tile 8), ``'skip1'`` /
+    ``'skip2'`` / ``'skip4'`` = the skip path."""
     g = torch.Generator().manual_seed(0)
     grid = size // 32
     mask = random_patch_mask(N, grid, grid, mask_ratio, generator=g).reshape(N, grid, grid)
@@ -365,7 +537,7 @@ def run(N: int = shapes.FCMAE_BATCH, size: int = shapes.FCMAE_SIZE,
     for i in stages:
         lay, C = layouts[i], shapes.V2B_CHANNELS[i]
         table = lay.neighbour_rows()
-        tile = conv_tile(lay, device_type='cuda') if path is None else path
+        tile = gpu_path(lay) if path is None else path
         mma = None if path is None else path == 'mma8'
         tile = 8 if tile == 'mma8' else tile
         for kind in ('fwd', 'dgrad', 'wgrad'):
@@ -392,7 +564,7 @@ def compare_paths(passes=('fwd', ), **kw) -> List[dict]:
     """The rows of ``passes`` on every path (gather, tile 2/4/8, and for fp16 /
     bf16 the tensor-core 8x8 tiles) at every stage."""
     paths = (0, ) + TILES + (('mma8', ) if kw.get('dtype', torch.bfloat16) in MMA_DTYPES
-                             else ())
+                             else ()) + tuple(f'skip{t}' for t in SKIP_TILES)
     return [r for p in paths for r in run(path=p, **kw) if r['pass'] in passes]
 
 

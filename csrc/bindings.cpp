@@ -39,6 +39,10 @@ TORCH_LIBRARY(convnextv2_fast, m) {
         "-> (Tensor, Tensor)");
   m.def("sparse_dwconv_tile_wgrad(Tensor grad_out, Tensor feats, Tensor halo_rows, "
         "int tile) -> (Tensor, Tensor)");
+  m.def("sparse_dwconv_skip_fwd(Tensor feats, Tensor taps, Tensor? bias, Tensor halo_rows, "
+        "int tile) -> Tensor");
+  m.def("sparse_dwconv_skip_wgrad(Tensor grad_out, Tensor feats, Tensor halo_rows, "
+        "int tile) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(convnextv2_fast, CPU, m) {
@@ -47,6 +51,8 @@ TORCH_LIBRARY_IMPL(convnextv2_fast, CPU, m) {
   m.impl("sparse_dwconv_mma_fwd", &convnextv2_fast::sparse_dwconv_mma_fwd_cpu);
   m.impl("sparse_dwconv_bwd_weight", &convnextv2_fast::sparse_dwconv_bwd_weight_cpu);
   m.impl("sparse_dwconv_tile_wgrad", &convnextv2_fast::sparse_dwconv_tile_wgrad_cpu);
+  m.impl("sparse_dwconv_skip_fwd", &convnextv2_fast::sparse_dwconv_skip_fwd_cpu);
+  m.impl("sparse_dwconv_skip_wgrad", &convnextv2_fast::sparse_dwconv_skip_wgrad_cpu);
 }
 
 #ifdef WITH_CUDA
@@ -56,6 +62,8 @@ TORCH_LIBRARY_IMPL(convnextv2_fast, CUDA, m) {
   m.impl("sparse_dwconv_mma_fwd", &convnextv2_fast::sparse_dwconv_mma_fwd_cuda);
   m.impl("sparse_dwconv_bwd_weight", &convnextv2_fast::sparse_dwconv_bwd_weight_cuda);
   m.impl("sparse_dwconv_tile_wgrad", &convnextv2_fast::sparse_dwconv_tile_wgrad_cuda);
+  m.impl("sparse_dwconv_skip_fwd", &convnextv2_fast::sparse_dwconv_skip_fwd_cuda);
+  m.impl("sparse_dwconv_skip_wgrad", &convnextv2_fast::sparse_dwconv_skip_wgrad_cuda);
 }
 #endif
 

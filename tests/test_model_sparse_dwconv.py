@@ -60,7 +60,8 @@ def test_tile_path_rows_and_choice():
             assert r['issue_us'] >= r['ffma_floor_us']  # nothing FFMA-based beats them
     paths = msd.compare_paths(N=2, stages=(0, 1))
     assert sorted({(r['stage'], r['path']) for r in paths}) == [
-        (s, p) for s in (1, 2) for p in ('gather', 'mma8', 'tile2', 'tile4', 'tile8')]
+        (s, p) for s in (1, 2) for p in ('gather', 'mma8', 'skip1', 'skip2', 'skip4', 'tile2',
+                                         'tile4', 'tile8')]
     assert 'mma8' not in {r['path'] for r in msd.compare_paths(N=2, stages=(0, ),
                                                                   dtype=torch.float32)}
 
@@ -110,19 +111,19 @@ def _wgrad_gate(row, gather_row, limit):
 
 
 def test_tile_wgrad_gate_and_its_bad_variant():
-    """The weight gradient on the GPU's path (tile 8 at stage 1, tile 4 at stage
-    2): within 4x (bf16: the fp32 FFMAs alone are 1.76x the bf16 floor) / 2x
-    (fp32) of its HBM floor and below 0.6 x the gather wgrad, issue above the
-    FFMA floor; the gate rejects the bad variant,
-    the 2x2-tile wgrad at stage 1 (each 2x2 tile stages 64 halo pixels for 4
-    pixels: staging and L2 traffic eat the gain) and the gather itself."""
+    """The weight gradient on the 8x8 tile path (the GPU's at stage 1; tile 4 at
+    stage 2, the path before the skip path): within 4x (bf16: the fp32 FFMAs
+    alone are 1.76x the bf16 floor) / 2x (fp32) of its HBM floor and below 0.6 x
+    the gather wgrad, issue above the FFMA floor; the gate rejects the bad
+    variant, the 2x2-tile wgrad at stage 1 (each 2x2 tile stages 64 halo pixels
+    for 4 pixels: staging and L2 traffic eat the gain) and the gather itself."""
     for dtype, limit in ((torch.bfloat16, 4.0), (torch.float32, 2.0)):
         kw = dict(N=16, stages=(0, 1), dtype=dtype)
         rows = {(r['stage'], r['path']): r
                 for r in msd.compare_paths(passes=('wgrad', ), **kw)}
         taken = [r for r in msd.run(**kw) if r['pass'] == 'wgrad']
-        assert [(r['stage'], r['path']) for r in taken] == [(1, 'tile8'), (2, 'tile4')]
-        for r in taken:
+        assert [(r['stage'], r['path']) for r in taken] == [(1, 'tile8'), (2, 'skip4')]
+        for r in (taken[0], rows[(2, 'tile4')]):
             gather = rows[(r['stage'], 'gather')]
             assert r['hbm_floor_us'] == gather['hbm_floor_us']
             assert r['issue_us'] >= r['ffma_floor_us']
@@ -164,3 +165,129 @@ def test_tile_wgrad_constants_match_the_kernel():
     slots = re.search(r'kWgradSlots\s*=\s*TS == 8 \? (\d+) : TS == 4 \? (\d+) : (\d+)\s*;', text)
     assert slots and tuple(map(int, slots.groups())) == (
         msd.WGRAD_SLOTS[8], msd.WGRAD_SLOTS[4], msd.WGRAD_SLOTS[2])
+
+
+# -- skip path ---------------------------------------------------------------------
+# The skip path's gate (x HBM floor) per stage, and the least gain over the
+# path the stage took before (model): stages 2 and 3 hold 30 of V2-B's 36
+# blocks; stage 4's passes are 1-us floors issue-bound on the per-source-tile
+# tests (3.6x, still 2x faster than the gather).
+SKIP_GATE = {2: 2.05, 3: 2.0, 4: 4.0}
+SKIP_GAIN = 1.7
+
+
+def test_skip_path_gate():
+    """FCMAE V2-B (64 images, 224^2, mask 0.6, bf16; model, not a GPU
+    measurement): stages 2-4 take the skip path for all three passes; each
+    pass models at most SKIP_GATE x its HBM floor and faster than the paths
+    before it (the gather at stages 3/4, the 4x4 tiles at stage 2) by at
+    least SKIP_GAIN; the FFMA floor of the skip path counts only the products
+    with visible pixels (below the 49-tap floor), its issue time above it."""
+    rows = msd.run(stages=(1, 2, 3))
+    by = {(r['stage'], r['pass'], r['path']): r for r in rows}
+    assert [r['path'] for r in rows] == ['skip4'] * 3 + ['skip2'] * 3 + ['skip4'] * 3
+    old = {2: 4, 3: 0, 4: 0}
+    for stage, t in old.items():
+        base = {r['pass']: r for r in msd.run(stages=(stage - 1, ), path=t)}
+        for kind in ('fwd', 'dgrad', 'wgrad'):
+            r = next(v for k, v in by.items() if k[:2] == (stage, kind))
+            assert r['x_hbm_floor'] <= SKIP_GATE[stage], (stage, kind, r['x_hbm_floor'])
+            assert r['model_us'] * SKIP_GAIN <= base[kind]['model_us'], (stage, kind)
+            assert r['issue_us'] >= r['ffma_floor_us']
+            assert r['ffma_floor_us'] < base[kind]['ffma_floor_us']
+            assert r['model_us'] == _model_max(r)
+
+
+def _skip_sass():
+    import re
+    from benchmarks import sm90
+    if not sm90.have_ptxas():
+        pytest.skip('no ptxas/nvdisasm for sm_90 here')
+    out = {}
+    for kind in ('fwd', 'wgrad'):
+        for name, ops in msd.cu_kernel_sass(f'sparse_dwconv_skip_{kind}_kernel').items():
+            m = re.search(r'<(c10::BFloat16|c10::Half|float), (\d), (\d)>', name)
+            dt = {'c10::BFloat16': 'bfloat16', 'c10::Half': 'float16'}.get(m.group(1), 'float32')
+            out[(kind, dt, int(m.group(2)), int(m.group(3)))] = ops
+    return out
+
+
+def test_skip_model_constants_match_the_sass():
+    """SKIP_CONST / SKIP_SETUP are the sm_90 SASS of every instantiation the
+    host dispatches: the tile loop (first ballot to the weight gradient's first
+    shared store / the EXIT) has exactly V FFMAs per product in each copy
+    (the full-tile and the per-pixel code, one copy at TS = 1) and its other
+    instructions within 10% (weight gradient 12%) of skip_static_instr; the weight gradient's
+    unrolled warp sum between 0.8x and 2x wg_epilogue a copy; the forward's
+    prologue within 5% of skip_setup; no other (TS, V) instantiation exists."""
+    sass = _skip_sass()
+    want = {(k, dt, v, t) for k, vec in (('fwd', msd.SKIP_VEC), ('wgrad', msd.SKIP_WGRAD_VEC))
+            for dt in ('bfloat16', 'float16', 'float32') for t in msd.SKIP_TILES
+            for v in sorted({1, vec[t]})}
+    assert set(sass) == want, sorted(set(sass) ^ want)
+    for (kind, dt, V, t), ops in sass.items():
+        e = 4 if dt == 'float32' else 2
+        last = max(i for i, op in enumerate(ops) if op == 'EXIT')
+        first = next(i for i, op in enumerate(ops) if op.startswith('VOTE'))
+        end = last if kind == 'fwd' else next(i for i, op in enumerate(ops)
+                                              if i > first and op.startswith(('STS', 'STG')))
+        loop = ops[first:end]
+        pred = msd.skip_static_instr(t, V, e, kind)
+        ffma = sum(op.startswith('FFMA') for op in loop)
+        assert abs(ffma - pred['ffma']) <= 0.02 * pred['ffma'], (kind, dt, V, t, ffma, pred)
+        other = len(loop) - ffma
+        # (the weight gradient's slice also holds the code between the loop and
+        # its first shared store: 12%)
+        tol = 0.1 if kind == 'fwd' else 0.12
+        assert abs(other - pred['loop']) <= tol * other, (kind, dt, V, t, other, pred)
+        if kind == 'fwd':
+            setup = msd.skip_setup(dt, V, -(-(t + 6)**2 // 32))
+            assert abs(first - setup) <= 0.05 * first, (dt, V, t, first, setup)
+        else:
+            # each warp runs one of the SKIP_WARPS unrolled copies: 2.7 (5.2 for
+            # TS = 1, V = 2) instructions per (tap, channel) in the SASS
+            per_copy = (last - end) / pred['epilogue'] * msd.SKIP_CONST['wg_epilogue']
+            assert 0.8 * msd.SKIP_CONST['wg_epilogue'] <= per_copy \
+                <= 2 * msd.SKIP_CONST['wg_epilogue'], (dt, V, t, per_copy)
+
+
+def test_skip_constants_match_the_kernel():
+    """The model's launch and chunking constants are those of the source
+    (SkipGeom in sparse_dwconv_math.h, skip_tiles_per_warp / kSkipWarps in the
+    .cu), read from it, not assumed."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, 'csrc', 'sparse_dwconv')
+    with open(os.path.join(src, 'sparse_dwconv_math.h')) as f:
+        math_h = f.read()
+    with open(os.path.join(src, 'sparse_dwconv_cuda.cu')) as f:
+        cu = f.read()
+    assert re.search(r'kVec = TS <= 2 \? 2 : 1;', math_h) and \
+        msd.SKIP_VEC == {1: 2, 2: 2, 4: 1}
+    assert re.search(r'kWgradVec = TS <= 2 \? 2 : 1;', math_h) and \
+        msd.SKIP_WGRAD_VEC == {1: 2, 2: 2, 4: 1}
+    assert re.search(r'kWgradTiles = 256 / \(TS \* TS\);', math_h)
+    assert msd.SKIP_WGRAD_TILES == {1: 256, 2: 64, 4: 16}
+    assert re.search(r'kWgradWarps = 4;', math_h) and msd.SKIP_WARPS == 4
+    assert re.search(r'constexpr int kSkipWarps = 4;', cu)
+    m = re.search(r'return tile == 1 \? (\d+) : tile == 2 \? (\d+) : (\d+);', cu)
+    assert m and tuple(map(int, m.groups())) == (msd.SKIP_TPW[1], msd.SKIP_TPW[2],
+                                                 msd.SKIP_TPW[4])
+
+
+def test_skip_counts_on_a_small_table():
+    """skip_counts by hand: one 2x2 tile whose halo has its own 4 pixels and
+    the 2 pixels of the source tile right of it that reach outputs."""
+    halo = torch.full((1, 64), -1, dtype=torch.int32)
+    own = [(3, 3), (3, 4), (4, 3), (4, 4)]
+    for i, (y, x) in enumerate(own):
+        halo[0, y * 8 + x] = i
+    halo[0, 3 * 8 + 5] = 4     # source tile (0, +1): pixels (3, 5), (3, 6), (4, 5), (4, 6)
+    n = msd.skip_counts(halo, 2)
+    assert n['nsrc'] == 25 and n['own'] == 4 and n['words'] == 2
+    assert n['full_tiles'] == 1 and n['part_tiles'] == 1
+    assert n['px_full'] == 4 and n['px_part'] == 1
+    # own pixels reach all 4 outputs; (3, 5) reaches the 2 outputs of row 3 and
+    # the 2 of row 4 (dy = 0, -1; dx = 1, 2 are taps)
+    assert n['pairs'] == 4 * 4 + 4

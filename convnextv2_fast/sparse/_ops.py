@@ -45,10 +45,12 @@ def sparse_ops():
 
 STALE_BUILD = ('the compiled extension predates the [49, C]-taps / [M, 49] neighbour-row '
                'op signature or the tile ops sparse_dwconv_tile_fwd / '
-               'sparse_dwconv_tile_wgrad / sparse_dwconv_mma_fwd (a stale build): '
+               'sparse_dwconv_tile_wgrad / sparse_dwconv_mma_fwd / sparse_dwconv_skip_fwd / '
+               'sparse_dwconv_skip_wgrad (a stale build): '
                'rebuild it with `python setup.py build_ext --inplace`')
 
-TILE_OPS = ('sparse_dwconv_tile_fwd', 'sparse_dwconv_tile_wgrad', 'sparse_dwconv_mma_fwd')
+TILE_OPS = ('sparse_dwconv_tile_fwd', 'sparse_dwconv_tile_wgrad', 'sparse_dwconv_mma_fwd',
+            'sparse_dwconv_skip_fwd', 'sparse_dwconv_skip_wgrad')
 
 
 def schema_current() -> bool:
@@ -68,6 +70,10 @@ def _register_fakes():
     def _tile_fwd_fake(feats, taps, bias, halo_rows, tile):
         return torch.empty_like(feats)
 
+    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_skip_fwd')
+    def _skip_fwd_fake(feats, taps, bias, halo_rows, tile):
+        return torch.empty_like(feats)
+
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_mma_fwd')
     def _mma_fwd_fake(feats, taps, bias, halo_rows):
         return torch.empty_like(feats)
@@ -84,4 +90,8 @@ def _register_fakes():
 
     @torch.library.register_fake('convnextv2_fast::sparse_dwconv_tile_wgrad')
     def _tile_wgrad_fake(grad_out, feats, halo_rows, tile):
+        return _wgrad_fake(feats)
+
+    @torch.library.register_fake('convnextv2_fast::sparse_dwconv_skip_wgrad')
+    def _skip_wgrad_fake(grad_out, feats, halo_rows, tile):
         return _wgrad_fake(feats)

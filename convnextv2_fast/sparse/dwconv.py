@@ -85,7 +85,22 @@ TILES = (2, 4, 8)  # tile sizes the compiled tile path is instantiated for
 # CPU (measured, C++ twin, fp32, 2 threads, V2-B widths): 8x8 is faster than
 # the gather (8.4 vs 9.2 ms at stage 1, 8 images), 4x4 and 2x2 slower (5.6 vs
 # 4.8 ms, 5.1 vs 2.4 ms): the twin's un-unrolled stencil pays for the staging.
-TILE_PATH = {'cuda': (4, 8), 'cpu': (8, )}
+TILE_PATH = {'cuda': (8, ), 'cpu': (8, )}
+
+SKIP_TILES = (1, 2, 4)  # tile sizes of the skip ops (sparse_dwconv_skip_fwd / _wgrad)
+# Per device type: layout tile -> skip tile of the stages that take the skip
+# path (where conv_tile takes no FFMA tile path).  GPU, from
+# benchmarks/model_sparse_dwconv.py (model, not a GPU measurement; V2-B 224^2,
+# mask 0.6, 64 images, bf16, H200; x HBM floor, forward / weight gradient):
+# stage 2 (4x4) tile4 3.7 / 3.6 -> skip4 2.0 / 2.0; stage 3 (2x2) gather 7.1 /
+# 7.1 -> skip2 1.9 / 1.9; stage 4 (1x1) gather 7.1 / 7.1 -> skip4 3.6 / 3.5
+# (4x4 tiles over the 1x1 layout: the per-source-tile tests amortised over 16
+# outputs; skip1 4.9 / 4.5).  CPU (measured, C++ twin, fp32, 2 threads, 8
+# images at V2-B widths, ms gather -> skip, fwd / wgrad): stage 2 5.2 -> 6.6 /
+# 7.7 -> 7.5, stage 3 2.4 -> 3.1 / 3.9 -> 2.9, stage 4 1.1 -> 8.5 / 1.8 -> 7.8:
+# the host compiler's code for the unrolled source tiles is slower than the
+# gather, so the CPU keeps the gather.
+SKIP_PATH = {'cuda': {4: 4, 2: 2, 1: 4}, 'cpu': {}}
 
 
 def conv_tile(layout: StageLayout, tile: Optional[int] = None,
@@ -101,6 +116,26 @@ def conv_tile(layout: StageLayout, tile: Optional[int] = None,
     if tile != 0 and tile not in TILES:
         raise ArgumentError(f'tile must be 0 (gather) or one of {TILES}, got {tile}.')
     return tile
+
+
+def conv_skip(layout: StageLayout, skip=None, device_type: Optional[str] = None) -> int:
+    """Tile size of the skip path (``sparse_dwconv_skip_fwd`` / ``_wgrad``; 0 = not
+    taken) for calls where :func:`conv_tile` took no FFMA tile: ``skip`` when
+    given (``False`` / 0: never; ``True``: the layout's tile; or 1, 2, 4), else
+    the skip tile :data:`SKIP_PATH` maps the layout's FCMAE tile to for the
+    device type (none: 0).  The
+    skip path sums each output in another fp32 order than the gather and tile
+    paths (source tile by source tile); each path is deterministic."""
+    if skip is None:
+        dev = device_type or layout.site.device.type
+        return SKIP_PATH.get(dev, SKIP_PATH['cuda']).get(layout.tile, 0)
+    if skip is True:
+        skip = layout.tile
+    if skip is False or skip == 0:
+        return 0
+    if skip not in SKIP_TILES:
+        raise ArgumentError(f'skip must be a bool or one of {SKIP_TILES}, got {skip!r}.')
+    return skip
 
 
 MMA_DTYPES = (torch.float16, torch.bfloat16)  # dtypes of the tensor-core tile path
@@ -141,10 +176,20 @@ def conv_mma(x: torch.Tensor, tile: int, mma: Optional[bool] = None) -> bool:
     return bool(mma)
 
 
-def _conv_op(ops, x, taps, bias, layout, tile, mma=None):
+def _paths(layout, tile, skip):
+    """(FFMA / tensor-core tile, skip tile) of a call: the tile path when
+    :func:`conv_tile` takes one, else the skip path where :func:`conv_skip` says
+    so, else (0, 0): the gather."""
+    path = conv_tile(layout, tile)
+    return path, (0 if path else conv_skip(layout, skip))
+
+
+def _conv_op(ops, x, taps, bias, layout, tile, mma=None, skip=0):
     """The forward op (x = feats, taps) or the input gradient (x = grad_out, taps
     reversed) on the path ``tile`` (:func:`conv_tile`), on tensor cores where
-    :func:`conv_mma` says so."""
+    :func:`conv_mma` says so, or on the skip path ``skip`` (:func:`conv_skip`)."""
+    if skip:
+        return ops.sparse_dwconv_skip_fwd(x, taps, bias, layout.tile_halo_rows(skip), skip)
     if tile and conv_mma(x, tile, mma):
         return ops.sparse_dwconv_mma_fwd(x, taps, bias, layout.tile_halo_rows(tile))
     if tile:
@@ -155,39 +200,45 @@ def _conv_op(ops, x, taps, bias, layout, tile, mma=None):
 def sparse_dwconv_forward(feats: torch.Tensor, weight2d: torch.Tensor,
                           bias: Optional[torch.Tensor], layout: StageLayout,
                           ops=None, tile: Optional[int] = None,
-                          mma: Optional[bool] = None) -> torch.Tensor:
+                          mma: Optional[bool] = None, skip=None) -> torch.Tensor:
     """out[M, C] with the compiled op; weight2d (C, 49)/bias already in feats' dtype;
-    ``tile``: see :func:`conv_tile`, ``mma``: :func:`conv_mma`."""
+    ``tile``: see :func:`conv_tile`, ``mma``: :func:`conv_mma`, ``skip``:
+    :func:`conv_skip`."""
     ops = ops or sparse_ops()
+    path, sk = _paths(layout, tile, skip)
     return _conv_op(ops, feats.contiguous(), _taps(weight2d),
-                    None if bias is None else bias.contiguous(), layout,
-                    conv_tile(layout, tile), mma)
+                    None if bias is None else bias.contiguous(), layout, path, mma, sk)
 
 
 def sparse_dwconv_backward(grad_out: torch.Tensor, feats: torch.Tensor,
                            weight2d: torch.Tensor, layout: StageLayout,
                            need_input: bool = True, need_weight: bool = True,
                            ops=None, tile: Optional[int] = None,
-                           mma: Optional[bool] = None) -> Tuple[Optional[torch.Tensor],
+                           mma: Optional[bool] = None,
+                           skip=None) -> Tuple[Optional[torch.Tensor],
                                               Optional[torch.Tensor],
                                               Optional[torch.Tensor]]:
     """(grad_feats, grad_weight2d (C, 49) fp32, grad_bias fp32); None where not needed.
 
     The input gradient is the forward op on ``grad_out`` with the taps reversed;
     the weight gradient is ``sparse_dwconv_tile_wgrad`` (each tile's x halo
-    staged once, its dy read once) on the tile path, the per-row gather through
-    the neighbour-row table otherwise — both on the path ``tile``
-    (:func:`conv_tile`); the two weight gradients differ only in fp32
-    summation order, each is bit-reproducible.
+    staged once, its dy read once) on the tile path, ``sparse_dwconv_skip_wgrad``
+    on the skip path, the per-row gather through the neighbour-row table
+    otherwise — on the paths of the forward (:func:`conv_tile`,
+    :func:`conv_skip`); the weight gradients differ only in fp32 summation
+    order, each is bit-reproducible.
     """
     ops = ops or sparse_ops()
     grad_out = grad_out.contiguous()
-    path = conv_tile(layout, tile)
+    path, sk = _paths(layout, tile, skip)
     gin = gw = gb = None
     if need_input:
-        gin = _conv_op(ops, grad_out, _taps(weight2d, flip=True), None, layout, path, mma)
+        gin = _conv_op(ops, grad_out, _taps(weight2d, flip=True), None, layout, path, mma, sk)
     if need_weight:
-        if path:
+        if sk:
+            gw, gb = ops.sparse_dwconv_skip_wgrad(grad_out, feats.contiguous(),
+                                                  layout.tile_halo_rows(sk), sk)
+        elif path:
             gw, gb = ops.sparse_dwconv_tile_wgrad(grad_out, feats.contiguous(),
                                                   layout.tile_halo_rows(path), path)
         else:

@@ -92,6 +92,17 @@ void dispatch_tile(int tile, F&& f) {
   }
 }
 
+// Tile sizes of the skip path (sparse_dwconv_skip_fwd / _wgrad, TS = 1, 2, 4).
+template <typename F>
+void dispatch_skip_tile(int tile, F&& f) {
+  switch (tile) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: TORCH_CHECK(false, "sparse_dwconv_skip: tile must be 1, 2 or 4, got ", tile);
+  }
+}
+
 // Checks of the tile op's arguments (both twins); returns the number of tiles.
 int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor& taps,
                                       const c10::optional<at::Tensor>& bias,
@@ -104,6 +115,23 @@ int64_t check_sparse_dwconv_mma_args(const at::Tensor& feats, const at::Tensor& 
 // Checks of the tile weight-gradient op's arguments; returns the number of tiles.
 int64_t check_sparse_dwconv_tile_wgrad_args(const at::Tensor& grad_out, const at::Tensor& feats,
                                             const at::Tensor& halo_rows, int64_t tile);
+
+// Checks of the skip ops' arguments (both twins); return the number of tiles.
+int64_t check_sparse_dwconv_skip_args(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile);
+int64_t check_sparse_dwconv_skip_wgrad_args(const at::Tensor& grad_out, const at::Tensor& feats,
+                                            const at::Tensor& halo_rows, int64_t tile);
+
+// Chunks of the skip weight gradient (at least one: it writes zeros for K == 0).
+inline int64_t wgrad_skip_chunks(int64_t K, int64_t tile) {
+  int64_t chunks = 1;
+  dispatch_skip_tile(static_cast<int>(tile), [&](auto tc) {
+    constexpr int n = sdw::SkipGeom<decltype(tc)::value>::kWgradTiles;
+    chunks = std::max<int64_t>(1, (K + n - 1) / n);
+  });
+  return chunks;
+}
 
 // Chunks of the tile weight gradient (at least one: it writes zeros for K == 0).
 inline int64_t wgrad_tile_chunks(int64_t K, int64_t tile) {
@@ -136,6 +164,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cpu(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& halo_rows,
     int64_t tile);
+at::Tensor sparse_dwconv_skip_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile);
+std::tuple<at::Tensor, at::Tensor> sparse_dwconv_skip_wgrad_cpu(
+    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& halo_rows,
+    int64_t tile);
 
 #ifdef WITH_CUDA
 at::Tensor sparse_dwconv_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
@@ -150,6 +184,12 @@ at::Tensor sparse_dwconv_mma_fwd_cuda(const at::Tensor& feats, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cuda(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& nbr_rows);
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cuda(
+    const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& halo_rows,
+    int64_t tile);
+at::Tensor sparse_dwconv_skip_fwd_cuda(const at::Tensor& feats, const at::Tensor& taps,
+                                       const c10::optional<at::Tensor>& bias,
+                                       const at::Tensor& halo_rows, int64_t tile);
+std::tuple<at::Tensor, at::Tensor> sparse_dwconv_skip_wgrad_cuda(
     const at::Tensor& grad_out, const at::Tensor& feats, const at::Tensor& halo_rows,
     int64_t tile);
 #endif

@@ -65,12 +65,13 @@ void check_sparse_dwconv_args(const at::Tensor& feats, const at::Tensor& taps,
               ": too many elements for int32 indexing (M * max(C, 50) must be < 2^31)");
 }
 
-int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor& taps,
-                                      const c10::optional<at::Tensor>& bias,
-                                      const at::Tensor& halo_rows, int64_t tile,
-                                      const char* op) {
+namespace {
+
+// feats / taps / bias and the [K, (tile + 6)^2] halo table (tile and skip ops).
+int64_t check_halo_args(const at::Tensor& feats, const at::Tensor& taps,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& halo_rows,
+                        int64_t tile, const char* op) {
   check_feats_taps_bias(feats, taps, bias, op);
-  TORCH_CHECK(tile == 2 || tile == 4 || tile == 8, op, ": tile must be 2, 4 or 8, got ", tile);
   const int64_t halo = (tile + 6) * (tile + 6);
   TORCH_CHECK(halo_rows.dim() == 2 && halo_rows.size(1) == halo, op,
               ": halo_rows must be a [K, (tile + 6)^2] = [K, ", halo, "] tile halo table "
@@ -85,6 +86,31 @@ int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor&
               ": too many elements for int32 indexing (M * C and K * (tile + 6)^2 must be "
               "< 2^31)");
   return K;
+}
+
+// The skip path addresses rows by 32-bit byte offsets (row x C x sizeof(T)).
+void check_skip_bytes(const at::Tensor& feats, const char* op) {
+  TORCH_CHECK(feats.dim() != 2 || feats.numel() * feats.element_size() < (int64_t(1) << 32),
+              op, ": feats must be smaller than 4 GiB (32-bit byte offsets)");
+}
+
+}  // namespace
+
+int64_t check_sparse_dwconv_tile_args(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile,
+                                      const char* op) {
+  TORCH_CHECK(tile == 2 || tile == 4 || tile == 8, op, ": tile must be 2, 4 or 8, got ", tile);
+  return check_halo_args(feats, taps, bias, halo_rows, tile, op);
+}
+
+int64_t check_sparse_dwconv_skip_args(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile) {
+  const char* op = "sparse_dwconv_skip_fwd";
+  TORCH_CHECK(tile == 1 || tile == 2 || tile == 4, op, ": tile must be 1, 2 or 4, got ", tile);
+  check_skip_bytes(feats, op);
+  return check_halo_args(feats, taps, bias, halo_rows, tile, op);
 }
 
 int64_t check_sparse_dwconv_mma_args(const at::Tensor& feats, const at::Tensor& taps,
@@ -134,6 +160,15 @@ int64_t check_sparse_dwconv_tile_wgrad_args(const at::Tensor& grad_out, const at
   const char* op = "sparse_dwconv_tile_wgrad";
   const at::Tensor dummy = check_grad_out(grad_out, feats, op);
   return check_sparse_dwconv_tile_args(feats, dummy, c10::nullopt, halo_rows, tile, op);
+}
+
+int64_t check_sparse_dwconv_skip_wgrad_args(const at::Tensor& grad_out, const at::Tensor& feats,
+                                            const at::Tensor& halo_rows, int64_t tile) {
+  const char* op = "sparse_dwconv_skip_wgrad";
+  const at::Tensor dummy = check_grad_out(grad_out, feats, op);
+  TORCH_CHECK(tile == 1 || tile == 2 || tile == 4, op, ": tile must be 1, 2 or 4, got ", tile);
+  check_skip_bytes(feats, op);
+  return check_halo_args(feats, dummy, c10::nullopt, halo_rows, tile, op);
 }
 
 WgradOut wgrad_outputs(const at::Tensor& feats, int64_t chunks, const char* op) {
@@ -467,5 +502,100 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cpu(const at::Tensor
   });
   return reduce_partials(o, chunks);
 }
+
+// Skip path (sparse_dwconv_math.h, "Skip path"), the same per-tile functions
+// as the CUDA kernels with the halo row read directly (HaloRowView).
+at::Tensor sparse_dwconv_skip_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
+                                      const c10::optional<at::Tensor>& bias,
+                                      const at::Tensor& halo_rows, int64_t tile) {
+  const int64_t K = check_sparse_dwconv_skip_args(feats, taps, bias, halo_rows, tile);
+  TORCH_CHECK(feats.device().is_cpu(), "sparse_dwconv_skip_fwd_cpu: feats must be a CPU tensor");
+  const bool has_bias = bias.has_value() && bias->defined();
+  auto out = at::empty_like(feats);
+  const int C = static_cast<int>(feats.size(1));
+  if (K == 0 || feats.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "sparse_dwconv_skip_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const scalar_t* w = taps.const_data_ptr<scalar_t>();
+    const scalar_t* b = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const int32_t* halo_all = halo_rows.const_data_ptr<int32_t>();
+    scalar_t* y = out.mutable_data_ptr<scalar_t>();
+    const int vec = cpu_vec<scalar_t>(C, {x, w, b, y});
+    dispatch_skip_tile(static_cast<int>(tile), [&](auto tc) {
+      constexpr int TS = decltype(tc)::value;
+      constexpr int HP = sdw::SkipGeom<TS>::kHaloPx;
+      dispatch_vec<16, 8, 4, 2, 1>(vec, [&](auto vc) {
+        constexpr int V = decltype(vc)::value;
+        // One task = whole tiles, all channels (taps converted per channel group).
+        at::parallel_for(0, K, 16, [&](int64_t kb, int64_t ke) {
+          for (int c0 = 0; c0 < C; c0 += V) {
+            acc_t wt[kTaps][V];
+            for (int t = 0; t < kTaps; ++t)
+              for (int v = 0; v < V; ++v) wt[t][v] = static_cast<acc_t>(w[t * C + c0 + v]);
+            acc_t init[V];
+            sdw::bias_init<scalar_t, V>(b, c0, init);
+            for (int64_t k = kb; k < ke; ++k) {
+              const sdw::HaloRowView<TS> tab(halo_all + k * HP, C * sizeof(scalar_t));
+              sdw::skip_tile_fwd<scalar_t, V, TS>(tab, x, c0, wt, init, true, y);
+            }
+          }
+        });
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_dwconv_skip_wgrad_cpu(const at::Tensor& grad_out,
+                                                                const at::Tensor& feats,
+                                                                const at::Tensor& halo_rows,
+                                                                int64_t tile) {
+  const int64_t K = check_sparse_dwconv_skip_wgrad_args(grad_out, feats, halo_rows, tile);
+  TORCH_CHECK(feats.device().is_cpu(),
+              "sparse_dwconv_skip_wgrad_cpu: grad_out and feats must be CPU tensors");
+  const int C = static_cast<int>(feats.size(1));
+  const int per = (kTaps + 1) * C;
+  const int64_t chunks = wgrad_skip_chunks(K, tile);
+  WgradOut o = wgrad_outputs(feats, chunks, "sparse_dwconv_skip_wgrad_cpu");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "sparse_dwconv_skip_wgrad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* x = feats.const_data_ptr<scalar_t>();
+    const int32_t* halo_all = halo_rows.const_data_ptr<int32_t>();
+    acc_t* pp = o.partial.mutable_data_ptr<acc_t>();
+    const int vec = cpu_vec<scalar_t>(C, {dy, x});
+    dispatch_skip_tile(static_cast<int>(tile), [&](auto tc) {
+      constexpr int TS = decltype(tc)::value;
+      using G = sdw::SkipGeom<TS>;
+      constexpr int W = G::kWgradWarps;
+      dispatch_vec<16, 8, 4, 2, 1>(vec, [&](auto vc) {
+        constexpr int V = decltype(vc)::value;
+        // The GPU's order: tile j of chunk k to accumulator (j - k * kWgradTiles) % W
+        // (the GPU's warp), each in tile order; the W sums added in order.
+        at::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
+          for (int64_t k = kb; k < ke; ++k) {
+            const int64_t j0 = k * G::kWgradTiles, j1 = std::min<int64_t>(K, j0 + G::kWgradTiles);
+            for (int c0 = 0; c0 < C; c0 += V) {
+              acc_t acc[W][kTaps + 1][V] = {};
+              for (int64_t j = j0; j < j1; ++j) {
+                const sdw::HaloRowView<TS> tab(halo_all + j * G::kHaloPx, C * sizeof(scalar_t));
+                sdw::skip_tile_wgrad<scalar_t, V, TS>(tab, dy, x, c0, acc[(j - j0) % W]);
+              }
+              for (int t = 0; t <= kTaps; ++t)
+                for (int v = 0; v < V; ++v)
+                  pp[k * per + t * C + c0 + v] = sdw::sum_slots<acc_t>(
+                      &acc[0][t][v], (kTaps + 1) * V, W);
+            }
+          }
+        });
+      });
+    });
+  });
+  return reduce_partials(o, chunks);
+}
+
 
 }  // namespace convnextv2_fast

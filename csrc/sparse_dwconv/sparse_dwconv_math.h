@@ -17,8 +17,13 @@
 #pragma once
 #include <ATen/OpMathType.h>
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
+#include <type_traits>
+#include <utility>
 
 #if defined(__CUDACC__)
 #define CNX_HD __host__ __device__ __forceinline__
@@ -401,6 +406,307 @@ CNX_HD void wgrad_chunk(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTR
     CNX_UNROLL
     for (int v = 0; v < V; ++v) partial_k[t * C + c0 + v] = acc[t][v];
   }
+}
+
+// ---------------------------------------------------------------------------
+// Skip path (forward / input gradient and weight gradient) for small tiles
+// (TS = 1, 2, 4: FCMAE's stages 2-4, where most of a 7x7 neighbourhood is
+// masked).  Same halo table as the tile path (StageLayout.tile_halo_rows), but
+// nothing is staged and nothing absent is computed: the halo is cut into the
+// (2 kReach + 1)^2 source tiles (aligned TS x TS blocks, clipped to the halo)
+// around the output tile, and each source tile that holds a visible pixel
+// contributes its pixel x output products, whose taps are compile-time
+// constants under full unrolling (taps in registers, no tap index table).  A
+// fully visible source tile loads all its pixels first (the loads in flight
+// together), a partly visible one (general layouts only) takes a per-pixel
+// branch; both add the same products in the same order, so the result does
+// not depend on which branch ran.  Masked source tiles cost one test: at mask
+// 0.6 about 60% of the 49 taps of an output are never touched.
+//
+// Per output the products are added in source-tile order (row-major over
+// (sy, sx)), then pixel order (row-major) inside the source tile, after init
+// (the bias): a different fp32 summation order from the gather and tile paths
+// (equal on data whose sums are exact).  The table is read through a view
+// (`Tab`): row(p) = halo entry p, word(i) = bit mask of the entries
+// 32 i .. 32 i + 31 that are >= 0.  The C++ twin's view reads the halo row, the
+// GPU's holds it across the warp's lanes (shuffles and ballots), so both run
+// this arithmetic.
+template <int TS>
+struct SkipGeom {
+  static constexpr int kSide = TS + 6;
+  static constexpr int kHaloPx = kSide * kSide;
+  static constexpr int kReach = (TS + 2) / TS;        // ceil(3 / TS) source tiles a side
+  static constexpr int kSrc = 2 * kReach + 1;        // source tiles per dimension
+  static constexpr int kWords = (kHaloPx + 31) / 32;  // 32-entry words of a halo row
+  // Channels a GPU lane computes: 2 (98 opmath tap registers) for TS <= 2; 1
+  // for TS = 4, whose 16 accumulators and 16 source values a channel would
+  // otherwise not fit beside the taps.  The arithmetic per channel is the same
+  // for any V (the C++ twin may use another).
+  static constexpr int kVec = TS <= 2 ? 2 : 1;
+  // The weight gradient's lanes keep 50 x V opmath sums (two CTAs per SM, up
+  // to 255 registers: with TS = 2, V = 2 the 100 sums, 8 dy and 8 source
+  // values spilled at the 168 registers of three); V = 1 for TS = 4.
+  static constexpr int kWgradVec = TS <= 2 ? 2 : 1;
+  // Weight gradient: a chunk is kWgradTiles consecutive tiles, split over
+  // kWgradWarps accumulators (tile j of the chunk to accumulator j % kWgradWarps;
+  // one warp each on the GPU), summed in accumulator order at the end of the
+  // chunk (sum_slots), the [chunks, 50, C] partials then in chunk order.
+  static constexpr int kWgradTiles = 256 / (TS * TS);
+  static constexpr int kWgradWarps = 4;
+};
+
+// Halo pixels [lo, hi] (one dimension, halo coordinates 0 .. kSide - 1) of
+// source tile s (0 .. kSrc - 1, offset s - kReach tiles from the output tile).
+template <int TS>
+constexpr int skip_lo(int s) {
+  return (s - SkipGeom<TS>::kReach) * TS + 3 < 0 ? 0 : (s - SkipGeom<TS>::kReach) * TS + 3;
+}
+template <int TS>
+constexpr int skip_hi(int s) {
+  return (s - SkipGeom<TS>::kReach) * TS + TS + 2 > TS + 5 ? TS + 5
+                                                           : (s - SkipGeom<TS>::kReach) * TS + TS + 2;
+}
+
+// Bit masks of every source tile's halo entries, per 32-entry word.
+template <int TS>
+struct SkipMasks {
+  using G = SkipGeom<TS>;
+  uint32_t m[G::kSrc * G::kSrc][G::kWords];
+  constexpr SkipMasks() : m() {
+    for (int s = 0; s < G::kSrc * G::kSrc; ++s)
+      for (int hy = skip_lo<TS>(s / G::kSrc); hy <= skip_hi<TS>(s / G::kSrc); ++hy)
+        for (int hx = skip_lo<TS>(s % G::kSrc); hx <= skip_hi<TS>(s % G::kSrc); ++hx) {
+          const int p = hy * G::kSide + hx;
+          m[s][p / 32] |= 1u << (p % 32);
+        }
+  }
+};
+
+// The C++ twin's view of one halo row; `pitch` = the byte stride of a row of
+// the [M, C] tensors read and written (C * sizeof(T)).
+template <int TS>
+struct HaloRowView {
+  const int32_t* h;
+  uint32_t pitch;
+  uint32_t m[SkipGeom<TS>::kWords];
+  HaloRowView(const int32_t* halo, uint32_t row_pitch) : h(halo), pitch(row_pitch), m() {
+    for (int p = 0; p < SkipGeom<TS>::kHaloPx; ++p)
+      if (h[p] >= 0) m[p / 32] |= 1u << (p % 32);
+  }
+  // Byte offset of the row of visible halo entry p (p < 0 never asked).
+  uint32_t offset(int p) const { return static_cast<uint32_t>(h[p]) * pitch; }
+  uint32_t word(int i) const { return m[i]; }
+};
+
+// Whether source tile s has a visible pixel / has only visible pixels: two
+// separate tests, so that a masked source tile (most of them) costs one masked
+// compare and one branch.
+template <int TS, class Tab>
+CNX_HD bool skip_src_any(const Tab& tab, int s) {
+  constexpr SkipMasks<TS> kMasks{};
+  bool any = false;
+  CNX_UNROLL
+  for (int i = 0; i < SkipGeom<TS>::kWords; ++i) any = any || (tab.word(i) & kMasks.m[s][i]) != 0;
+  return any;
+}
+template <int TS, class Tab>
+CNX_HD bool skip_src_all(const Tab& tab, int s) {
+  constexpr SkipMasks<TS> kMasks{};
+  bool all = true;
+  CNX_UNROLL
+  for (int i = 0; i < SkipGeom<TS>::kWords; ++i)
+    all = all && (tab.word(i) & kMasks.m[s][i]) == kMasks.m[s][i];
+  return all;
+}
+
+template <class Tab>
+CNX_HD bool skip_present(const Tab& tab, int p) {
+  return (tab.word(p >> 5) >> (p & 31)) & 1u;
+}
+
+// Channels [c0, c0 + V) of halo pixel p in opmath (the caller knows it is
+// visible): the address is the base plus the view's premultiplied byte offset
+// (a 64-bit add), bf16 pairs widened with two bit operations (exact, as
+// static_cast).
+template <typename T, int V, class Tab>
+CNX_HD void skip_load_px(const Tab& tab, int p, const T* CNX_RESTRICT x, int c0,
+                         at::opmath_type<T> (&xv)[V]) {
+  const Vec<T, V> f = load_vec<T, V>(reinterpret_cast<const T*>(
+      reinterpret_cast<const char*>(x + c0) + tab.offset(p)));
+  if constexpr (std::is_same_v<T, c10::BFloat16> && V % 2 == 0) {
+    CNX_UNROLL
+    for (int i = 0; i < V / 2; ++i) {
+      uint32_t u;
+      memcpy(&u, &f.v[2 * i], sizeof(u));
+      const uint32_t lo = u << 16, hi = u & 0xffff0000u;
+      memcpy(&xv[2 * i], &lo, sizeof(lo));
+      memcpy(&xv[2 * i + 1], &hi, sizeof(hi));
+    }
+  } else {
+    CNX_UNROLL
+    for (int v = 0; v < V; ++v) xv[v] = static_cast<at::opmath_type<T>>(f.v[v]);
+  }
+}
+
+// The products of halo pixel (hy, hx) (value xv) with the outputs of the tile
+// it reaches: acc[oy][ox] += w[t] * xv, t = (hy - oy) * 7 + (hx - ox).
+template <typename acc_t, int V, int TS>
+CNX_HD void skip_px_fwd(int hy, int hx, const acc_t (&xv)[V], const acc_t (&w)[kTaps][V],
+                        acc_t (&acc)[TS][TS][V]) {
+  CNX_UNROLL
+  for (int oy = 0; oy < TS; ++oy) {
+    const int dy = hy - oy;
+    if (dy < 0 || dy > 6) continue;  // compile-time under full unrolling
+    CNX_UNROLL
+    for (int ox = 0; ox < TS; ++ox) {
+      const int dx = hx - ox;
+      if (dx < 0 || dx > 6) continue;
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) acc[oy][ox][v] += w[dy * 7 + dx][v] * xv[v];  // one FFMA
+    }
+  }
+}
+
+// The weight-gradient mirror: acc[t] += g[oy][ox] * xv for the same pairs.
+template <typename acc_t, int V, int TS>
+CNX_HD void skip_px_wgrad(int hy, int hx, const acc_t (&xv)[V], const acc_t (&g)[TS][TS][V],
+                          acc_t (&acc)[kTaps + 1][V]) {
+  CNX_UNROLL
+  for (int oy = 0; oy < TS; ++oy) {
+    const int dy = hy - oy;
+    if (dy < 0 || dy > 6) continue;
+    CNX_UNROLL
+    for (int ox = 0; ox < TS; ++ox) {
+      const int dx = hx - ox;
+      if (dx < 0 || dx > 6) continue;
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) acc[dy * 7 + dx][v] += g[oy][ox][v] * xv[v];  // one FFMA
+    }
+  }
+}
+
+// f(std::integral_constant<int, i>{}) for i = 0 .. N - 1, in order: loops whose
+// indices must be compile-time constants for the code inside (taps and
+// accumulators in registers), independently of the compiler's unroller.
+template <class F, int... Is>
+CNX_HD void static_for_seq(F&& f, std::integer_sequence<int, Is...>) {
+  (f(std::integral_constant<int, Is>{}), ...);
+}
+template <int N, class F>
+CNX_HD void static_for(F&& f) {
+  static_for_seq(f, std::make_integer_sequence<int, N>{});
+}
+
+// Runs op(hy, hx, xv) (hy, hx as std::integral_constant) for every visible
+// pixel of every source tile holding one, in source-tile then pixel order: a
+// fully visible tile's pixels loaded first, a partly visible tile's pixel by
+// pixel under a branch.
+template <typename T, int V, int TS, class Tab, class Op>
+CNX_HD void skip_for_each_px(const Tab& tab, const T* CNX_RESTRICT x, int c0, Op&& op) {
+  using acc_t = at::opmath_type<T>;
+  using G = SkipGeom<TS>;
+  static_for<G::kSrc * G::kSrc>([&](auto sc) {
+    constexpr int s = decltype(sc)::value;
+    constexpr int y0 = skip_lo<TS>(s / G::kSrc), ny = skip_hi<TS>(s / G::kSrc) - y0 + 1;
+    constexpr int x0 = skip_lo<TS>(s % G::kSrc), nx = skip_hi<TS>(s % G::kSrc) - x0 + 1;
+    if (!skip_src_any<TS>(tab, s)) return;
+    if (skip_src_all<TS>(tab, s)) {
+      acc_t xv[ny * nx][V];
+      static_for<ny * nx>([&](auto ic) {
+        constexpr int i = decltype(ic)::value;
+        skip_load_px<T, V>(tab, (y0 + i / nx) * G::kSide + x0 + i % nx, x, c0, xv[i]);
+      });
+      static_for<ny * nx>([&](auto ic) {
+        constexpr int i = decltype(ic)::value;
+        op(std::integral_constant<int, y0 + i / nx>{}, std::integral_constant<int, x0 + i % nx>{},
+           xv[i]);
+      });
+    } else {
+      static_for<ny * nx>([&](auto ic) {
+        constexpr int i = decltype(ic)::value;
+        constexpr int p = (y0 + i / nx) * G::kSide + x0 + i % nx;
+        if (skip_present(tab, p)) {
+          acc_t xv[V];
+          skip_load_px<T, V>(tab, p, x, c0, xv);
+          op(std::integral_constant<int, y0 + i / nx>{},
+             std::integral_constant<int, x0 + i % nx>{}, xv);
+        }
+      });
+    }
+  });
+}
+
+// Forward / input gradient of one output tile, channels [c0, c0 + V): taps w
+// (opmath) and init (the bias) from the caller; stores the visible own pixels
+// (`store` false: compute only -- GPU lanes past C).
+template <typename T, int V, int TS, class Tab>
+CNX_HD void skip_tile_fwd(const Tab& tab, const T* CNX_RESTRICT x, int c0,
+                          const at::opmath_type<T> (&w)[kTaps][V],
+                          const at::opmath_type<T> (&init)[V], bool store,
+                          T* CNX_RESTRICT out) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kSide = SkipGeom<TS>::kSide;
+  acc_t acc[TS][TS][V];
+  CNX_UNROLL
+  for (int oy = 0; oy < TS; ++oy) {
+    CNX_UNROLL
+    for (int ox = 0; ox < TS; ++ox) {
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) acc[oy][ox][v] = init[v];
+    }
+  }
+  skip_for_each_px<T, V, TS>(tab, x, c0, [&](auto hy, auto hx, const acc_t (&xv)[V]) {
+    skip_px_fwd<acc_t, V, TS>(decltype(hy)::value, decltype(hx)::value, xv, w, acc);
+  });
+  CNX_UNROLL
+  for (int oy = 0; oy < TS; ++oy) {
+    CNX_UNROLL
+    for (int ox = 0; ox < TS; ++ox) {
+      const int p = (oy + 3) * kSide + ox + 3;
+      if (!skip_present(tab, p)) continue;
+      Vec<T, V> o;
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(acc[oy][ox][v]);
+      if (store)
+        store_vec<T, V>(reinterpret_cast<T*>(reinterpret_cast<char*>(out + c0) + tab.offset(p)),
+                        o);
+    }
+  }
+}
+
+// Weight / bias gradient of one output tile added to acc (opmath): the bias
+// row gets the tile's dy in pixel order, then every visible source pixel its
+// products with the tile's dy (0 for an invisible own pixel).
+template <typename T, int V, int TS, class Tab>
+CNX_HD void skip_tile_wgrad(const Tab& tab, const T* CNX_RESTRICT dy, const T* CNX_RESTRICT x,
+                            int c0, at::opmath_type<T> (&acc)[kTaps + 1][V]) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int kSide = SkipGeom<TS>::kSide;
+  acc_t g[TS][TS][V];
+  CNX_UNROLL
+  for (int oy = 0; oy < TS; ++oy) {
+    CNX_UNROLL
+    for (int ox = 0; ox < TS; ++ox) {
+      const int p = (oy + 3) * kSide + ox + 3;
+      if (skip_present(tab, p)) {
+        skip_load_px<T, V>(tab, p, dy, c0, g[oy][ox]);
+      } else {
+        CNX_UNROLL
+        for (int v = 0; v < V; ++v) g[oy][ox][v] = acc_t(0);
+      }
+    }
+  }
+  CNX_UNROLL
+  for (int oy = 0; oy < TS; ++oy) {
+    CNX_UNROLL
+    for (int ox = 0; ox < TS; ++ox) {
+      CNX_UNROLL
+      for (int v = 0; v < V; ++v) acc[kTaps][v] += g[oy][ox][v];
+    }
+  }
+  skip_for_each_px<T, V, TS>(tab, x, c0, [&](auto hy, auto hx, const acc_t (&xv)[V]) {
+    skip_px_wgrad<acc_t, V, TS>(decltype(hy)::value, decltype(hx)::value, xv, g, acc);
+  });
 }
 
 // Element i of the [50, C] total, the chunk partials summed in chunk order,
