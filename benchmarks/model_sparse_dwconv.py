@@ -16,7 +16,8 @@ kernels of ``csrc/sparse_dwconv/sparse_dwconv_cuda.cu`` at sm_90 (H200 SXM):
   ceil(32 V bytes / 128) feature wavefronts), one per SM clock;
 * ``issue_us``: warp instructions (per tap and warp-row: 2 loads, 1 address
   op, V FFMA, V select/convert), four per SM clock; ``ffma_floor_us`` the FFMAs
-  alone (49 C per row, fp32 accumulation: a floor no gather kernel beats);
+  alone (49 C per row, fp32 accumulation: a floor no gather kernel beats; on
+  the skip path the FFMAs it issues: only products with a visible pixel);
 * ``model_us`` = the largest of these, ``x_hbm_floor`` = model / HBM floor.
 
 The launch shapes mirror ``fwd_launch``/``wgrad_threads`` in the .cu (256
@@ -63,6 +64,15 @@ are summed in shared memory and one fp32 [50, 32] partial is written:
 * issue: per warp-item 49 R T FFMA + (R + 6)(T + 6) shared loads + ``a + b R T``
   (fitted to the sm_90 SASS by source line, see ``TILE_WGRAD_OTHER``), staging
   as the forward, per warp and CTA the epilogue (``TILE_WGRAD_EPILOGUE``).
+
+The skip path (stages 2-4 on the GPU, :func:`convnextv2_fast.sparse.dwconv.
+conv_skip`): :func:`model_skip_pass` models ``sparse_dwconv_skip_fwd_kernel`` /
+``sparse_dwconv_skip_wgrad_kernel`` from the real halo table -- per tile the
+visible source tiles and pixels (:func:`skip_counts`), instructions from the
+SASS-read constants ``SKIP_CONST`` (checked against the static SASS of every
+instantiation), HBM as the tile path (plus the fp32 partials of the weight
+gradient), L2 the distinct visible rows per CTA, wavefronts per load, shuffle
+and store.
 
 ``python benchmarks/model_sparse_dwconv.py`` prints the rows of the paths the
 code takes and, per stage, every path (gather, tile 2/4/8) of the forward and

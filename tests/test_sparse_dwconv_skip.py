@@ -25,8 +25,8 @@ from convnextv2_fast.sparse.dwconv import SKIP_PATH, SKIP_TILES, _taps, conv_ski
 from convnextv2_fast.testing import assert_close_to_ref
 
 from test_sparse_dwconv import _inputs, _run, _scattered_layout, _tile_layout, needs_ext
-from test_sparse_dwconv_tile_wgrad import _summation_bound, _wgrad
-from test_sparse_dwconv_tiles import DTYPES, _layouts, check_vs_dense_masked
+from test_sparse_dwconv_tile_wgrad import _summation_bound, _wgrad, check_wgrad
+from test_sparse_dwconv_tiles import DTYPES, _layouts, check_deterministic, check_vs_dense_masked
 
 ops = torch.ops.convnextv2_fast
 
@@ -105,17 +105,8 @@ def test_skip_wgrad_within_the_summation_bound(dtype, c):
         bound = _summation_bound(go, f, layout)
         gather = _wgrad(go, f, layout, 0)
         for tile in SKIP_TILES:
-            got = _skip_wgrad(go, f, layout, tile)
-            for what, x, y, z, bd in zip(('taps', 'bias'), got, gather, exact, bound):
-                assert x.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-                if dtype == torch.float64:
-                    torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-                    continue
-                err = (x.double() - z).abs()
-                print(f'{name}/skip{tile}/{what} ({dtype}): err {err.max():.3e}, '
-                      f'bound {bd.max():.3e}')
-                assert (err <= bd + 1e-30).all(), (name, tile, what)
-                assert_close_to_ref(f'{name}/skip{tile}/{what}', x, y, z, dtype=torch.float32)
+            check_wgrad(f'{name}/skip{tile}', _skip_wgrad(go, f, layout, tile), gather, exact,
+                        bound, dtype)
 
 
 def test_layouts_exercise_partial_source_tiles_and_chunks():
@@ -167,19 +158,9 @@ def test_autograd_on_the_skip_path_matches_dense_masked(name, dtype):
 
 @needs_ext
 def test_skip_wgrad_deterministic_across_runs_and_threads():
-    old = torch.get_num_threads()
     for tile, layout in _chunk_layouts().items():
         f, _, _, go = _inputs(layout, 24, torch.float32, 6)
-        try:
-            torch.set_num_threads(1)
-            r1 = _skip_wgrad(go, f, layout, tile)
-            torch.set_num_threads(max(old, 2))
-            r2 = _skip_wgrad(go, f, layout, tile)
-        finally:
-            torch.set_num_threads(old)
-        r3 = _skip_wgrad(go, f, layout, tile)
-        for a, b2, c in zip(r1, r2, r3):
-            assert torch.equal(a, b2) and torch.equal(a, c), tile
+        check_deterministic(lambda: _skip_wgrad(go, f, layout, tile), tile)
 
 
 def test_default_paths():

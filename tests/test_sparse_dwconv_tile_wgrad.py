@@ -24,7 +24,7 @@ from convnextv2_fast.sparse.dwconv import TILES
 from convnextv2_fast.testing import assert_close_to_ref
 
 from test_sparse_dwconv import _inputs, _run, _tile_layout, needs_ext
-from test_sparse_dwconv_tiles import (DTYPES, _fcmae_edge_layout, _layouts,
+from test_sparse_dwconv_tiles import (DTYPES, _fcmae_edge_layout, _layouts, check_deterministic,
                                       check_vs_dense_masked, cuda_tile_cases)
 
 # Tiles per weight-gradient chunk and tiles processed at a time (TileGeom<TS>::
@@ -64,19 +64,26 @@ def test_tile_wgrad_equals_gather_up_to_summation_order(dtype, c):
         bound = _summation_bound(go, f, layout)
         gather = _wgrad(go, f, layout, 0)
         for tile in TILES:
-            got = _wgrad(go, f, layout, tile)
-            for what, x, y, z, bd in zip(('taps', 'bias'), got, gather, exact, bound):
-                assert x.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-                if dtype == torch.float64:
-                    torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
-                    continue
-                err, err_g = (x.double() - z).abs(), (y.double() - z).abs()
-                print(f'{name}/tile{tile}/{what} ({dtype}): tile err {err.max():.3e}, '
-                      f'gather err {err_g.max():.3e}, bound {bd.max():.3e}')
-                assert (err <= bd + 1e-30).all(), (name, tile, what)
-                assert (err_g <= bd + 1e-30).all(), (name, tile, what)
-                # and the 2x rule with the gather as the same-precision (fp32) path
-                assert_close_to_ref(f'{name}/tile{tile}/{what}', x, y, z, dtype=torch.float32)
+            check_wgrad(f'{name}/tile{tile}', _wgrad(go, f, layout, tile), gather, exact,
+                        bound, dtype)
+
+
+def check_wgrad(tag, got, gather, exact, bound, dtype):
+    """(grad_taps, grad_bias) of a weight-gradient path against the gather's and
+    the exact (fp64) sums: opmath dtype; fp64 to 1e-12; else both within the
+    summation bound and the 2x rule with the gather as the same-precision (fp32)
+    path (errors printed)."""
+    for what, x, y, z, bd in zip(('taps', 'bias'), got, gather, exact, bound):
+        assert x.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        if dtype == torch.float64:
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+            continue
+        err, err_g = (x.double() - z).abs(), (y.double() - z).abs()
+        print(f'{tag}/{what} ({dtype}): err {err.max():.3e}, gather err {err_g.max():.3e}, '
+              f'bound {bd.max():.3e}')
+        assert (err <= bd + 1e-30).all(), (tag, what)
+        assert (err_g <= bd + 1e-30).all(), (tag, what)
+        assert_close_to_ref(f'{tag}/{what}', x, y, z, dtype=torch.float32)
 
 
 def test_chunks_span_samples_and_end_with_empty_slots():
@@ -148,20 +155,9 @@ def test_default_path_takes_the_tile_wgrad_where_the_forward_tiles():
 def test_tile_wgrad_deterministic_across_runs_and_threads():
     layout = _tile_layout(5, n=3)
     f, _, _, go = _inputs(layout, 24, torch.float32, 6)
-    old = torch.get_num_threads()
     for tile in TILES:
-        try:
-            torch.set_num_threads(1)
-            r1 = _wgrad(go, f, layout, tile)
-            torch.set_num_threads(max(old, 2))
-            r2 = _wgrad(go, f, layout, tile)
-        finally:
-            torch.set_num_threads(old)
         assert layout.tile_halo_rows(tile).shape[0] > 2 * CHUNK_TILES[tile]  # several chunks
-        for _ in range(2):
-            r3 = _wgrad(go, f, layout, tile)
-            for a, b2, c in zip(r1, r2, r3):
-                assert torch.equal(a, b2) and torch.equal(a, c), tile
+        check_deterministic(lambda: _wgrad(go, f, layout, tile), tile)
 
 
 @needs_ext

@@ -191,17 +191,22 @@ def test_weight_and_input_grad_deterministic_on_tile_layouts():
     layout = _tile_layout(5, n=3)
     f, w, _, go = _inputs(layout, 24, torch.float32, 6)
     w2 = w.reshape(24, 49)
+    check_deterministic(lambda: sparse_dwconv_backward(go, f, w2, layout))
+
+
+def check_deterministic(fn, tag=None):
+    """fn() bit-identical with 1 and 2+ threads and on a third run."""
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        r1 = sparse_dwconv_backward(go, f, w2, layout)
+        r1 = fn()
         torch.set_num_threads(max(old, 2))
-        r2 = sparse_dwconv_backward(go, f, w2, layout)
+        r2 = fn()
     finally:
         torch.set_num_threads(old)
-    r3 = sparse_dwconv_backward(go, f, w2, layout)
-    for a, b2, c in zip(r1, r2, r3):
-        assert torch.equal(a, b2) and torch.equal(a, c)
+    r3 = fn()
+    for a, b, c in zip(r1, r2, r3):
+        assert torch.equal(a, b) and torch.equal(a, c), tag
 
 
 @needs_ext
