@@ -1,8 +1,9 @@
 """Sparse depthwise 7x7 conv kernels, measured against their model: every path
-(gather, FFMA tiles 2/4/8, tensor-core 8x8 tiles for fp16/bf16) at every FCMAE
-V2-B stage (224², mask 0.6, 64 images, bf16), each pass -- forward, input
-gradient (the forward kernel on grad_out with reversed taps), weight gradient
-(the tile wgrad on the tile paths, the gather's otherwise).
+(gather, FFMA tiles 2/4/8, tensor-core 8x8 tiles for fp16/bf16, skip 1/2/4) at
+every FCMAE V2-B stage (224², mask 0.6, 64 images, bf16), each pass --
+forward, input gradient (the forward kernel on grad_out with reversed taps),
+weight gradient (the tile wgrad on the tile paths, the skip wgrad on the skip
+paths, the gather's otherwise).
 
 Each row: median µs (CUDA events, the project's timer), the pass's HBM floor
 and the model's time from :mod:`benchmarks.model_sparse_dwconv` for the same
@@ -32,7 +33,7 @@ from benchmarks import model_sparse_dwconv as msd  # noqa: E402
 from convnextv2_fast._ext import extension_status  # noqa: E402
 from convnextv2_fast._timing import time_fn  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
-from convnextv2_fast.sparse.dwconv import TILES, mma_applies  # noqa: E402
+from convnextv2_fast.sparse.dwconv import SKIP_TILES, TILES, mma_applies  # noqa: E402
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 COLUMNS = ['stage', 'pass', 'path', 'dtype', 'M', 'C', 'median_us', 'hbm_floor_us',
@@ -48,15 +49,23 @@ def _hw(device: torch.device) -> dict:
 
 
 def _paths(dtype: torch.dtype, C: int):
-    """(name, tile, mma) of every path of the forward for this dtype."""
+    """(name, tile, mma) of every path of the forward for this dtype (``tile``
+    ``'skip<T>'`` for the skip path, as model_layout_pass takes it)."""
     out = [('gather', 0, False)] + [(f'tile{t}', t, False) for t in TILES]
     if mma_applies(8, dtype, C):
         out.append(('mma8', 8, True))
-    return out
+    return out + [(f'skip{t}', f'skip{t}', False) for t in SKIP_TILES]
 
 
 def _pass_fn(ops, kind, lay, x, go, taps, bias, tile, mma):
     """The op call of one pass on one path (tables prebuilt)."""
+    if isinstance(tile, str):  # the skip path
+        t = int(tile[len('skip'):])
+        halo = lay.tile_halo_rows(t)
+        if kind == 'wgrad':
+            return lambda: ops.sparse_dwconv_skip_wgrad(go, x, halo, t)
+        inp, w, b = (x, taps, bias) if kind == 'fwd' else (go, taps.flip(0).contiguous(), None)
+        return lambda: ops.sparse_dwconv_skip_fwd(inp, w, b, halo, t)
     if kind == 'wgrad':
         if tile:
             halo = lay.tile_halo_rows(tile)
