@@ -93,9 +93,9 @@ SKIP_TILES = (1, 2, 4)  # tile sizes of the skip ops (sparse_dwconv_skip_fwd / _
 # benchmarks/model_sparse_dwconv.py (model, not a GPU measurement; V2-B 224^2,
 # mask 0.6, 64 images, bf16, H200; x HBM floor, forward / weight gradient):
 # stage 2 (4x4) tile4 3.7 / 3.6 -> skip4 2.0 / 2.0; stage 3 (2x2) gather 7.1 /
-# 7.1 -> skip2 1.9 / 1.9; stage 4 (1x1) gather 7.1 / 7.1 -> skip4 3.6 / 3.5
+# 7.1 -> skip2 1.9 / 1.9; stage 4 (1x1) gather 7.1 / 7.1 -> skip4 3.5 / 3.4
 # (4x4 tiles over the 1x1 layout: the per-source-tile tests amortised over 16
-# outputs; skip1 4.9 / 4.5).  CPU (measured, C++ twin, fp32, 2 threads, 8
+# outputs; skip1 5.0 / 4.5).  CPU (measured, C++ twin, fp32, 2 threads, 8
 # images at V2-B widths, ms gather -> skip, fwd / wgrad): stage 2 5.2 -> 6.6 /
 # 7.7 -> 7.5, stage 3 2.4 -> 3.1 / 3.9 -> 2.9, stage 4 1.1 -> 8.5 / 1.8 -> 7.8:
 # the host compiler's code for the unrolled source tiles is slower than the

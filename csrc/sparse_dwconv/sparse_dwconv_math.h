@@ -664,12 +664,13 @@ CNX_HD void skip_tile_fwd(const Tab& tab, const T* CNX_RESTRICT x, int c0,
     for (int ox = 0; ox < TS; ++ox) {
       const int p = (oy + 3) * kSide + ox + 3;
       if (!skip_present(tab, p)) continue;
+      // the offset before the lane-dependent `store`: on the GPU it is a shuffle
+      // every lane of the warp must execute
+      const uint32_t off = tab.offset(p);
       Vec<T, V> o;
       CNX_UNROLL
       for (int v = 0; v < V; ++v) o.v[v] = static_cast<T>(acc[oy][ox][v]);
-      if (store)
-        store_vec<T, V>(reinterpret_cast<T*>(reinterpret_cast<char*>(out + c0) + tab.offset(p)),
-                        o);
+      if (store) store_vec<T, V>(reinterpret_cast<T*>(reinterpret_cast<char*>(out + c0) + off), o);
     }
   }
 }
