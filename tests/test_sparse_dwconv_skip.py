@@ -25,7 +25,7 @@ from convnextv2_fast.sparse.dwconv import SKIP_PATH, SKIP_TILES, _taps, conv_ski
 from convnextv2_fast.testing import assert_close_to_ref
 
 from test_sparse_dwconv import _inputs, _run, _scattered_layout, _tile_layout, needs_ext
-from test_sparse_dwconv_tile_wgrad import _summation_bound, _wgrad, check_wgrad
+from test_sparse_dwconv_tile_wgrad import _wgrad, check_wgrad_paths
 from test_sparse_dwconv_tiles import DTYPES, _layouts, check_deterministic, check_vs_dense_masked
 
 ops = torch.ops.convnextv2_fast
@@ -98,15 +98,8 @@ def test_skip_equals_the_gather_bitwise_on_exact_sums(tile):
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('c', [13, 6, 64])
 def test_skip_wgrad_within_the_summation_bound(dtype, c):
-    for name, layout in _layouts().items():
-        f, _, _, go = _inputs(layout, c, dtype, 3)
-        f, go = f.to(dtype), go.to(dtype)
-        exact = _wgrad(go.double(), f.double(), layout, 0)
-        bound = _summation_bound(go, f, layout)
-        gather = _wgrad(go, f, layout, 0)
-        for tile in SKIP_TILES:
-            check_wgrad(f'{name}/skip{tile}', _skip_wgrad(go, f, layout, tile), gather, exact,
-                        bound, dtype)
+    check_wgrad_paths(dtype, c, {f'skip{t}': (lambda go, f, lay, t=t: _skip_wgrad(go, f, lay, t))
+                                 for t in SKIP_TILES})
 
 
 def test_layouts_exercise_partial_source_tiles_and_chunks():

@@ -57,15 +57,22 @@ def test_tile_wgrad_equals_gather_up_to_summation_order(dtype, c):
     """Both paths sum the same fp32 products (the inputs' exact values):
     each within the summation bound of the exact sum, the tile path within the
     2x rule of the gather's error (both printed), fp64 to 1e-12."""
+    check_wgrad_paths(dtype, c, {f'tile{t}': (lambda go, f, lay, t=t: _wgrad(go, f, lay, t))
+                                 for t in TILES})
+
+
+def check_wgrad_paths(dtype, c, paths):
+    """Every path of ``paths`` ({tag: fn(grad_out, feats, layout) -> (grad_taps,
+    grad_bias)}) on every layout of ``_layouts`` against the gather and the
+    exact sums (:func:`check_wgrad`)."""
     for name, layout in _layouts().items():
         f, _, _, go = _inputs(layout, c, dtype, 3)
         f, go = f.to(dtype), go.to(dtype)
         exact = _wgrad(go.double(), f.double(), layout, 0)
         bound = _summation_bound(go, f, layout)
         gather = _wgrad(go, f, layout, 0)
-        for tile in TILES:
-            check_wgrad(f'{name}/tile{tile}', _wgrad(go, f, layout, tile), gather, exact,
-                        bound, dtype)
+        for tag, fn in paths.items():
+            check_wgrad(f'{name}/{tag}', fn(go, f, layout), gather, exact, bound, dtype)
 
 
 def check_wgrad(tag, got, gather, exact, bound, dtype):
