@@ -123,11 +123,15 @@ def conv_skip(layout: StageLayout, skip=None, device_type: Optional[str] = None)
     taken) for calls where :func:`conv_tile` took no FFMA tile: ``skip`` when
     given (``False`` / 0: never; ``True``: the layout's tile; or 1, 2, 4), else
     the skip tile :data:`SKIP_PATH` maps the layout's FCMAE tile to for the
-    device type (none: 0).  The
+    device type (none: 0; CUDA tensors on a GPU other than compute capability
+    9.x: 0, the kernels are built for sm_90 only).  The
     skip path sums each output in another fp32 order than the gather and tile
     paths (source tile by source tile); each path is deterministic."""
     if skip is None:
         dev = device_type or layout.site.device.type
+        if dev == 'cuda' and layout.site.device.type == 'cuda' \
+                and not _has_skip_kernels(layout.site.device):
+            return 0
         return SKIP_PATH.get(dev, SKIP_PATH['cuda']).get(layout.tile, 0)
     if skip is True:
         skip = layout.tile
@@ -136,6 +140,16 @@ def conv_skip(layout: StageLayout, skip=None, device_type: Optional[str] = None)
     if skip not in SKIP_TILES:
         raise ArgumentError(f'skip must be a bool or one of {SKIP_TILES}, got {skip!r}.')
     return skip
+
+
+def _has_skip_kernels(device: torch.device) -> bool:
+    """Compute capability 9.x: the CUDA skip kernels are compiled for sm_90 only
+    (nvcc time, see kSkipArch in sparse_dwconv_cuda.cu); True where no driver
+    can answer (fake CUDA tensors of the models stand for a Hopper)."""
+    try:
+        return torch.cuda.get_device_capability(device)[0] == 9
+    except (RuntimeError, AssertionError):
+        return True
 
 
 MMA_DTYPES = (torch.float16, torch.bfloat16)  # dtypes of the tensor-core tile path

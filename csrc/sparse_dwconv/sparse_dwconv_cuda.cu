@@ -63,6 +63,12 @@ constexpr int kTileThreads = 64;      // upper bound: kTileCh * TS / R <= 32 * 2
 constexpr int kTileWgradThreads = 128;  // upper bound: kTileCh * kWgradWarps <= 32 * 4
 constexpr int kSkipWarps = 4;           // warps per CTA of the skip kernels
 constexpr int kSkipThreads = 32 * kSkipWarps;
+// The skip kernels' bodies are compiled for sm_90 (Hopper, the GPU the project
+// targets) only: their fully unrolled source-tile code takes ~7 min of nvcc per
+// architecture on 2 cores, and the default architecture list has eight targets.
+// Elsewhere the host refuses them and conv_skip takes the gather / tile paths.
+#define kSkipArch 900
+constexpr int kSkipMajor = 9;
 
 
 // fp32 / fp16 / bf16 (fp64 is CPU-only).
@@ -391,6 +397,9 @@ __global__ void __launch_bounds__(kSkipThreads, 3) sparse_dwconv_skip_fwd_kernel
     const int32_t* __restrict__ halo_rows,  // [K, (TS + 6)^2] halo rows, -1 = absent
     T* __restrict__ out,                // [M, C]
     int K, int C, int tiles_per_warp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != kSkipArch
+  __trap();  // compiled for sm_90 only (kSkipArch); the host never launches it elsewhere
+#else
   using acc_t = at::opmath_type<T>;
   constexpr int kHaloPx = sdw::SkipGeom<TS>::kHaloPx;
   const SkipLane ln = skip_lane<V>(blockIdx.y, threadIdx.x, C);
@@ -410,6 +419,7 @@ __global__ void __launch_bounds__(kSkipThreads, 3) sparse_dwconv_skip_fwd_kernel
     const WarpHaloView<TS> tab(halo_rows + k * kHaloPx, threadIdx.x, pitch);
     sdw::skip_tile_fwd<T, V, TS>(tab, x, ln.c0, w, init, ln.active, out);
   }
+#endif
 }
 
 // Weight / bias gradient: CTA (chunk, channel block); warp y accumulates tiles
@@ -423,6 +433,9 @@ __global__ void __launch_bounds__(kSkipThreads, 2) sparse_dwconv_skip_wgrad_kern
     const int32_t* __restrict__ halo_rows,  // [K, (TS + 6)^2]
     at::opmath_type<T>* __restrict__ partial,  // [chunks, 50, C]
     int K, int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != kSkipArch
+  __trap();  // compiled for sm_90 only (kSkipArch); the host never launches it elsewhere
+#else
   using acc_t = at::opmath_type<T>;
   using G = sdw::SkipGeom<TS>;
   static_assert(G::kWgradWarps == kSkipWarps, "one warp per accumulator");
@@ -457,6 +470,7 @@ __global__ void __launch_bounds__(kSkipThreads, 2) sparse_dwconv_skip_wgrad_kern
     }
     __syncthreads();
   }
+#endif
 }
 
 template <typename acc_t>
@@ -633,6 +647,13 @@ void skip_dispatch_vec(int vec, F&& f) {
   else dispatch_vec<1>(1, f);
 }
 
+// The skip kernels exist for compute capability 9.x only (kSkipArch).
+void check_skip_device(const char* op) {
+  TORCH_CHECK(at::cuda::getCurrentDeviceProperties()->major == kSkipMajor, op,
+              ": the skip kernels are built for sm_90 only; use the gather or tile path "
+              "(skip=False)");
+}
+
 // Tiles a warp of the skip forward runs (its 49 taps loaded and widened once for
 // all of them: ~160-310 instructions, a sixth of a 2x2 tile's work at 4 tiles).
 int skip_tiles_per_warp(int tile) { return tile == 1 ? 8 : tile == 2 ? 8 : 4; }
@@ -643,6 +664,7 @@ at::Tensor sparse_dwconv_skip_fwd_cuda(const at::Tensor& feats, const at::Tensor
   const int64_t K = check_sparse_dwconv_skip_args(feats, taps, bias, halo_rows, tile);
   TORCH_CHECK(feats.is_cuda(), "sparse_dwconv_skip_fwd_cuda: feats must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(feats.device());
+  check_skip_device("sparse_dwconv_skip_fwd_cuda");
   const bool has_bias = bias.has_value() && bias->defined();
   auto out = at::empty_like(feats);
   const int C = static_cast<int>(feats.size(1));
@@ -680,6 +702,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_skip_wgrad_cuda(const at::Tenso
   TORCH_CHECK(feats.is_cuda(),
               "sparse_dwconv_skip_wgrad_cuda: grad_out and feats must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(feats.device());
+  check_skip_device("sparse_dwconv_skip_wgrad_cuda");
   const int C = static_cast<int>(feats.size(1));
   const int chunks = static_cast<int>(wgrad_skip_chunks(K, tile));
   WgradOut o = wgrad_outputs(feats, chunks, "sparse_dwconv_skip_wgrad_cuda");
