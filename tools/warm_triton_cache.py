@@ -56,7 +56,7 @@ AREAS = {
     'fcmae': dict(
         tests=['tests/test_sparse_dwconv.py', 'tests/test_sparse_dwconv_tiles.py',
                'tests/test_sparse_dwconv_tile_wgrad.py', 'tests/test_sparse_dwconv_mma.py',
-               'tests/test_sparse_encoder.py',
+               'tests/test_sparse_dwconv_skip.py', 'tests/test_sparse_encoder.py',
                'tests/test_fcmae.py', 'tests/test_sparse_mlp.py', 'tests/test_sparse_ln.py'],
         suites=['fcmae', 'sparse_dwconv'],
         budget=dict(install=30, build=150, tests=120, bench=170)),
