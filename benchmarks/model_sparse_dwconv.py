@@ -92,8 +92,8 @@ if ROOT not in sys.path:
 
 from benchmarks import shapes  # noqa: E402
 from convnextv2_fast.models.fcmae import random_patch_mask  # noqa: E402
-from convnextv2_fast.sparse.dwconv import (MMA_DTYPES, TILES, conv_skip, conv_tile,  # noqa: E402
-                                          mma_applies)
+from convnextv2_fast.sparse.dwconv import (MMA_DTYPES, SKIP_TILES, TILES, conv_skip,  # noqa: E402
+                                          conv_tile, mma_applies)
 from convnextv2_fast.sparse.layout import build_layouts  # noqa: E402
 
 H200 = dict(hbm_Bps=4.8e12, l2_Bps=8.0e12, sms=132, clk_hz=1.98e9, issue_per_clk=4,
@@ -368,7 +368,6 @@ def model_mma_pass(M: int, C: int, dtype: torch.dtype, halo: torch.Tensor, hw=H2
 #   straight-line code before the tile loop; setup_word per halo word past
 #   two, hoisted there for TS = 4) or the weight gradient's
 #   epilogue, wg_epilogue per (tap, channel): the warps' fixed-order sum.
-SKIP_TILES = (1, 2, 4)
 SKIP_WARPS = 4
 SKIP_TPW = {1: 8, 2: 8, 4: 4}          # skip_tiles_per_warp in the .cu
 SKIP_VEC = {1: 2, 2: 2, 4: 1}          # SkipGeom<TS>::kVec
