@@ -3,7 +3,7 @@
 For FCMAE V2-B (224², mask 0.6, 64 images by default, :mod:`benchmarks.shapes`)
 each stage's three passes — forward, input gradient (the forward kernel on
 ``grad_out`` with reversed taps) and weight gradient — are modelled for the
-kernels of ``csrc/sparse_dwconv/sparse_dwconv_cuda.cu`` at sm_90 (H200 SXM):
+kernels of ``csrc/sparse_dwconv/*.cu`` at sm_90 (H200 SXM):
 
 * ``hbm_floor_us``: the op's unavoidable HBM traffic (read the [M, C] input(s),
   write the output) at the HBM bandwidth — the floor the issue measures against;
@@ -283,32 +283,36 @@ MMA_ITEM_WF = 28 * (1 + 8) + MMA_CH * 7 * 4 + MMA_WARPS * 8 * 2 + 16 * 9
 MMA_SETUP_WF = (1792 + 448 * 4) // 32 + 1792 // 32 + MMA_WARPS * 112
 
 
-def cu_kernel_sass(kernel: str, src: str = 'csrc/sparse_dwconv/sparse_dwconv_cuda.cu'
-                   ) -> Dict[str, list]:
+def cu_kernel_sass(kernel: str) -> Dict[str, list]:
     """SASS of every instantiation of ``__global__`` kernel ``kernel`` of the
-    .cu ``src``, compiled for sm_90 with the static suite's nvcc command (a
-    cubin cached by the static suite's source digest): {demangled name: [opcode
-    with modifiers, in address order]}.  What the instruction constants above
-    are read from (tests/test_model_sparse_dwconv.py)."""
+    ``csrc/**/*.cu`` files, each compiled for sm_90 with the static suite's
+    nvcc command (one cubin per file, cached by the static suite's source
+    digest): {demangled name: [opcode with modifiers, in address order]}.  What
+    the instruction constants above are read from
+    (tests/test_model_sparse_dwconv.py)."""
     import re
     import subprocess
 
     from benchmarks import common, sm90
-    out = osp.join(sm90.cache_dir(), 'sass', common.source_digest('static') + '.cubin')
-    if not osp.exists(out):
-        os.makedirs(osp.dirname(out), exist_ok=True)
-        subprocess.run(sm90._nvcc_cmd(osp.join(ROOT, src), out), check=True,
-                       capture_output=True, text=True)
-    funcs, cur = {}, None
-    for line in sm90._run_tool('nvdisasm', '-c', out).splitlines():
-        m = re.match(r'\s*\.text\.(\S+):\s*$', line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
-            continue
-        m = re.match(r'\s*/\*[0-9a-f]{4,}\*/\s+(.*?);', line)
-        if m and cur is not None:
-            body = re.sub(r'^@!?U?P\w+\s+', '', m.group(1).strip())
-            cur.append(body.split()[0] if body else '')
+    digest = common.source_digest('static')
+    funcs = {}
+    for src in sm90._cu_sources():
+        stem = osp.splitext(osp.basename(src))[0]
+        out = osp.join(sm90.cache_dir(), 'sass', f'{digest}-{stem}.cubin')
+        if not osp.exists(out):
+            os.makedirs(osp.dirname(out), exist_ok=True)
+            subprocess.run(sm90._nvcc_cmd(src, out), check=True, capture_output=True,
+                           text=True)
+        cur = None
+        for line in sm90._run_tool('nvdisasm', '-c', out).splitlines():
+            m = re.match(r'\s*\.text\.(\S+):\s*$', line)
+            if m:
+                cur = funcs.setdefault(m.group(1), [])
+                continue
+            m = re.match(r'\s*/\*[0-9a-f]{4,}\*/\s+(.*?);', line)
+            if m and cur is not None:
+                body = re.sub(r'^@!?U?P\w+\s+', '', m.group(1).strip())
+                cur.append(body.split()[0] if body else '')
     names = sm90._demangle(list(funcs))
     return {names[k]: v for k, v in funcs.items() if f'{kernel}<' in names[k]}
 

@@ -253,15 +253,15 @@ def test_skip_model_constants_match_the_sass():
 
 def test_skip_constants_match_the_kernel():
     """The model's launch and chunking constants are those of the source
-    (SkipGeom in sparse_dwconv_math.h, skip_tiles_per_warp / kSkipWarps in the
-    .cu), read from it, not assumed."""
+    (SkipGeom in sparse_dwconv_math.h, skip_tiles_per_warp / kSkipWarps in
+    sparse_dwconv_skip_cuda.cu), read from it, not assumed."""
     import os
     import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = os.path.join(root, 'csrc', 'sparse_dwconv')
     with open(os.path.join(src, 'sparse_dwconv_math.h')) as f:
         math_h = f.read()
-    with open(os.path.join(src, 'sparse_dwconv_cuda.cu')) as f:
+    with open(os.path.join(src, 'sparse_dwconv_skip_cuda.cu')) as f:
         cu = f.read()
     assert re.search(r'kVec = TS <= 2 \? 2 : 1;', math_h) and \
         msd.SKIP_VEC == {1: 2, 2: 2, 4: 1}

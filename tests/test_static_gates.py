@@ -291,26 +291,37 @@ def test_cu_threads_fall_back_to_launch_bounds():
 
 
 def test_sparse_dwconv_cu_launch_sites_cover_every_kernel():
-    """Every ``__global__`` kernel of the sparse dwconv .cu has a launch site
-    the static rows read, with its threads (from the site or, for the tile
-    kernels' template-dependent blocks, their ``__launch_bounds__``) and grid."""
+    """Every ``__global__`` kernel of the sparse dwconv .cu files has a launch
+    site in its file that the static rows read, with its threads (from the site
+    or, for the tile kernels' template-dependent blocks, their
+    ``__launch_bounds__``) and grid."""
     import re
-    src = os.path.join(ROOT, 'csrc', 'sparse_dwconv', 'sparse_dwconv_cuda.cu')
-    with open(src) as f:
-        text = f.read()
+    srcs = sorted(glob.glob(os.path.join(ROOT, 'csrc', 'sparse_dwconv', '*.cu')))
+    assert [os.path.basename(s) for s in srcs] == ['sparse_dwconv_cuda.cu',
+                                                   'sparse_dwconv_skip_cuda.cu']
     hdr = ''
-    for h in sorted(glob.glob(os.path.join(os.path.dirname(src), '*.h'))):
+    for h in sorted(glob.glob(os.path.join(os.path.dirname(srcs[0]), '*.h'))):
         with open(h) as f:
             hdr += f.read()
-    consts = dict(sm90._cu_consts(hdr), **sm90._cu_consts(text))  # as cuda_kernel_resources
-    sites = sm90._cu_launch_sites(text, sm90._cu_consts(hdr))
-    kernels = set(re.findall(r'__global__\s+void\s+__launch_bounds__\([^)]*\)\s*(\w+)', text))
-    assert 'sparse_dwconv_tile_wgrad_kernel' in kernels
-    assert kernels == set(sites), (kernels, set(sites))
-    for k in kernels:
-        threads = sites[k]['threads'] or sm90._cu_launch_bounds(text, k, consts)
-        assert threads and threads % 32 == 0, k
-        assert len(sites[k]['grid']['dims']) in (1, 2), k
+    seen = set()
+    for src in srcs:
+        with open(src) as f:
+            text = f.read()
+        consts = dict(sm90._cu_consts(hdr), **sm90._cu_consts(text))  # as cuda_kernel_resources
+        sites = sm90._cu_launch_sites(text, sm90._cu_consts(hdr))
+        kernels = set(re.findall(r'__global__\s+void\s+__launch_bounds__\([^)]*\)\s*(\w+)',
+                                 text))
+        assert kernels and kernels == set(sites), (src, kernels, set(sites))
+        for k in kernels:
+            threads = sites[k]['threads'] or sm90._cu_launch_bounds(text, k, consts)
+            assert threads and threads % 32 == 0, k
+            assert len(sites[k]['grid']['dims']) in (1, 2), k
+        seen |= kernels
+    assert {'sparse_dwconv_tile_wgrad_kernel', 'sparse_dwconv_skip_fwd_kernel',
+            'sparse_dwconv_skip_wgrad_kernel', 'sparse_dwconv_wgrad_reduce_kernel'} <= seen
+    with open(srcs[0]) as f:
+        text = f.read()
+    consts = dict(sm90._cu_consts(hdr), **sm90._cu_consts(text))
     assert sm90._cu_launch_bounds(text, 'sparse_dwconv_tile_wgrad_kernel', consts) == 128
 
 

@@ -177,7 +177,7 @@ cores=$(nproc)
 # the visit (16 cores, unloaded): install as measured; the build takes at
 # most its wall time here and at most its CPU seconds here (every translation
 # unit one after the other on one core: an upper bound however loaded this
-# machine is; the visit's 16 cores run the 3 units at once); tests and
+# machine is; the visit's 16 cores run the 5 units at once); tests and
 # benchmarks are bounded by their limits (GPU work; their results are written
 # as they come); each cache miss adds ~15 s of one core's compile, 8 at once
 build_model=$(( ${took[build]} < ${cpu[build]} ? ${took[build]} : ${cpu[build]} ))

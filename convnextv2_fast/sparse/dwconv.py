@@ -144,7 +144,7 @@ def conv_skip(layout: StageLayout, skip=None, device_type: Optional[str] = None)
 
 def _has_skip_kernels(device: torch.device) -> bool:
     """Compute capability 9.x: the CUDA skip kernels are compiled for sm_90 only
-    (nvcc time, see kSkipArch in sparse_dwconv_cuda.cu); True where no driver
+    (build time, see kSkipArch in sparse_dwconv_skip_cuda.cu); True where no driver
     can answer (fake CUDA tensors of the models stand for a Hopper)."""
     try:
         return torch.cuda.get_device_capability(device)[0] == 9

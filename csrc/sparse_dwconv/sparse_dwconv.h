@@ -61,6 +61,13 @@ namespace convnextv2_fast {
 using sdw::kTaps;
 using sdw::kWgradRowsPerChunk;
 
+// fp32 / fp16 / bf16: the CUDA kernels' dtypes (fp64 is CPU-only).
+#define CNX_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                    \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)            \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)             \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 // fp16 / bf16: the dtypes of the tensor-core path (both twins).
 #define CNX_DISPATCH_HALF_BF16(TYPE, NAME, ...)                           \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
@@ -123,6 +130,17 @@ int64_t check_sparse_dwconv_skip_args(const at::Tensor& feats, const at::Tensor&
 int64_t check_sparse_dwconv_skip_wgrad_args(const at::Tensor& grad_out, const at::Tensor& feats,
                                             const at::Tensor& halo_rows, int64_t tile);
 
+// Channels a lane (GPU) / an inner loop (CPU twin) of the skip path computes:
+// VMAX = SkipGeom<TS>::kVec (forward) or kWgradVec (weight gradient) where C and
+// the pointers allow it (`vec` from pick_vec(C, 2, ...)), else 1.  Both twins
+// instantiate exactly these widths (the unrolled skip code is large: wider CPU
+// widths would multiply the host compile, and the CPU keeps the gather path).
+template <int VMAX, typename F>
+void skip_dispatch_vec(int vec, F&& f) {
+  if constexpr (VMAX == 2) dispatch_vec<2, 1>(vec, f);
+  else dispatch_vec<1>(1, f);
+}
+
 // Chunks of the skip weight gradient (at least one: it writes zeros for K == 0).
 inline int64_t wgrad_skip_chunks(int64_t K, int64_t tile) {
   int64_t chunks = 1;
@@ -149,6 +167,12 @@ struct WgradOut {
   at::Tensor partial, grad_taps, grad_bias;
 };
 WgradOut wgrad_outputs(const at::Tensor& feats, int64_t chunks, const char* op);
+// (grad_taps, grad_bias) of `o`: its [chunks, 50, C] partials summed in chunk
+// order (every weight-gradient path of the twin).
+std::tuple<at::Tensor, at::Tensor> reduce_partials_cpu(WgradOut& o, int64_t chunks);
+#ifdef WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> reduce_partials_cuda(WgradOut& o, int64_t chunks);
+#endif
 
 at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias,

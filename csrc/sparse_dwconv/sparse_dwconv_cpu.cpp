@@ -1,4 +1,5 @@
 // C++ (CPU) twin of sparse_dwconv_cuda.cu; see sparse_dwconv.h for the layout.
+// The skip path is sparse_dwconv_skip_cpu.cpp.
 #include "sparse_dwconv/sparse_dwconv.h"
 #include "sparse_dwconv/sparse_dwconv_mma.h"
 
@@ -191,8 +192,10 @@ int cpu_vec(int64_t C, std::initializer_list<const void*> ptrs) {
   return sdw::pick_vec(C, 16, ptrs, sizeof(T));
 }
 
+}  // namespace
+
 // (grad_taps, grad_bias): the chunk partials summed in chunk order.
-std::tuple<at::Tensor, at::Tensor> reduce_partials(WgradOut& o, int64_t chunks) {
+std::tuple<at::Tensor, at::Tensor> reduce_partials_cpu(WgradOut& o, int64_t chunks) {
   const int C = static_cast<int>(o.grad_bias.size(0));
   AT_DISPATCH_FLOATING_TYPES(o.partial.scalar_type(), "sparse_dwconv_wgrad_reduce_cpu", [&] {
     const scalar_t* pp = o.partial.const_data_ptr<scalar_t>();
@@ -207,7 +210,6 @@ std::tuple<at::Tensor, at::Tensor> reduce_partials(WgradOut& o, int64_t chunks) 
   return {o.grad_taps, o.grad_bias};
 }
 
-}  // namespace
 
 at::Tensor sparse_dwconv_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
                                  const c10::optional<at::Tensor>& bias,
@@ -432,7 +434,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_bwd_weight_cpu(
       });
     });
   });
-  return reduce_partials(o, chunks);
+  return reduce_partials_cpu(o, chunks);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cpu(const at::Tensor& grad_out,
@@ -500,102 +502,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_dwconv_tile_wgrad_cpu(const at::Tensor
       });
     });
   });
-  return reduce_partials(o, chunks);
+  return reduce_partials_cpu(o, chunks);
 }
-
-// Skip path (sparse_dwconv_math.h, "Skip path"), the same per-tile functions
-// as the CUDA kernels with the halo row read directly (HaloRowView).
-at::Tensor sparse_dwconv_skip_fwd_cpu(const at::Tensor& feats, const at::Tensor& taps,
-                                      const c10::optional<at::Tensor>& bias,
-                                      const at::Tensor& halo_rows, int64_t tile) {
-  const int64_t K = check_sparse_dwconv_skip_args(feats, taps, bias, halo_rows, tile);
-  TORCH_CHECK(feats.device().is_cpu(), "sparse_dwconv_skip_fwd_cpu: feats must be a CPU tensor");
-  const bool has_bias = bias.has_value() && bias->defined();
-  auto out = at::empty_like(feats);
-  const int C = static_cast<int>(feats.size(1));
-  if (K == 0 || feats.size(0) == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
-                                  "sparse_dwconv_skip_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = feats.const_data_ptr<scalar_t>();
-    const scalar_t* w = taps.const_data_ptr<scalar_t>();
-    const scalar_t* b = has_bias ? bias->const_data_ptr<scalar_t>() : nullptr;
-    const int32_t* halo_all = halo_rows.const_data_ptr<int32_t>();
-    scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    const int vec = cpu_vec<scalar_t>(C, {x, w, b, y});
-    dispatch_skip_tile(static_cast<int>(tile), [&](auto tc) {
-      constexpr int TS = decltype(tc)::value;
-      constexpr int HP = sdw::SkipGeom<TS>::kHaloPx;
-      dispatch_vec<16, 8, 4, 2, 1>(vec, [&](auto vc) {
-        constexpr int V = decltype(vc)::value;
-        // One task = whole tiles, all channels (taps converted per channel group).
-        at::parallel_for(0, K, 16, [&](int64_t kb, int64_t ke) {
-          for (int c0 = 0; c0 < C; c0 += V) {
-            acc_t wt[kTaps][V];
-            for (int t = 0; t < kTaps; ++t)
-              for (int v = 0; v < V; ++v) wt[t][v] = static_cast<acc_t>(w[t * C + c0 + v]);
-            acc_t init[V];
-            sdw::bias_init<scalar_t, V>(b, c0, init);
-            for (int64_t k = kb; k < ke; ++k) {
-              const sdw::HaloRowView<TS> tab(halo_all + k * HP, C * sizeof(scalar_t));
-              sdw::skip_tile_fwd<scalar_t, V, TS>(tab, x, c0, wt, init, true, y);
-            }
-          }
-        });
-      });
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> sparse_dwconv_skip_wgrad_cpu(const at::Tensor& grad_out,
-                                                                const at::Tensor& feats,
-                                                                const at::Tensor& halo_rows,
-                                                                int64_t tile) {
-  const int64_t K = check_sparse_dwconv_skip_wgrad_args(grad_out, feats, halo_rows, tile);
-  TORCH_CHECK(feats.device().is_cpu(),
-              "sparse_dwconv_skip_wgrad_cpu: grad_out and feats must be CPU tensors");
-  const int C = static_cast<int>(feats.size(1));
-  const int per = (kTaps + 1) * C;
-  const int64_t chunks = wgrad_skip_chunks(K, tile);
-  WgradOut o = wgrad_outputs(feats, chunks, "sparse_dwconv_skip_wgrad_cpu");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
-                                  "sparse_dwconv_skip_wgrad_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* dy = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* x = feats.const_data_ptr<scalar_t>();
-    const int32_t* halo_all = halo_rows.const_data_ptr<int32_t>();
-    acc_t* pp = o.partial.mutable_data_ptr<acc_t>();
-    const int vec = cpu_vec<scalar_t>(C, {dy, x});
-    dispatch_skip_tile(static_cast<int>(tile), [&](auto tc) {
-      constexpr int TS = decltype(tc)::value;
-      using G = sdw::SkipGeom<TS>;
-      constexpr int W = G::kWgradWarps;
-      dispatch_vec<16, 8, 4, 2, 1>(vec, [&](auto vc) {
-        constexpr int V = decltype(vc)::value;
-        // The GPU's order: tile j of chunk k to accumulator (j - k * kWgradTiles) % W
-        // (the GPU's warp), each in tile order; the W sums added in order.
-        at::parallel_for(0, chunks, 1, [&](int64_t kb, int64_t ke) {
-          for (int64_t k = kb; k < ke; ++k) {
-            const int64_t j0 = k * G::kWgradTiles, j1 = std::min<int64_t>(K, j0 + G::kWgradTiles);
-            for (int c0 = 0; c0 < C; c0 += V) {
-              acc_t acc[W][kTaps + 1][V] = {};
-              for (int64_t j = j0; j < j1; ++j) {
-                const sdw::HaloRowView<TS> tab(halo_all + j * G::kHaloPx, C * sizeof(scalar_t));
-                sdw::skip_tile_wgrad<scalar_t, V, TS>(tab, dy, x, c0, acc[(j - j0) % W]);
-              }
-              for (int t = 0; t <= kTaps; ++t)
-                for (int v = 0; v < V; ++v)
-                  pp[k * per + t * C + c0 + v] = sdw::sum_slots<acc_t>(
-                      &acc[0][t][v], (kTaps + 1) * V, W);
-            }
-          }
-        });
-      });
-    });
-  });
-  return reduce_partials(o, chunks);
-}
-
 
 }  // namespace convnextv2_fast

@@ -427,8 +427,9 @@ CNX_HD void wgrad_chunk(const int32_t* CNX_RESTRICT nbr_rows, const T* CNX_RESTR
 // (sy, sx)), then pixel order (row-major) inside the source tile, after init
 // (the bias): a different fp32 summation order from the gather and tile paths
 // (equal on data whose sums are exact).  The table is read through a view
-// (`Tab`): row(p) = halo entry p, word(i) = bit mask of the entries
-// 32 i .. 32 i + 31 that are >= 0.  The C++ twin's view reads the halo row, the
+// (`Tab`): offset(p) = byte offset of halo entry p's row (row x pitch, valid
+// where the entry is >= 0), word(i) = bit mask of the entries 32 i .. 32 i + 31
+// that are >= 0.  The C++ twin's view reads the halo row, the
 // GPU's holds it across the warp's lanes (shuffles and ballots), so both run
 // this arithmetic.
 template <int TS>
@@ -441,7 +442,7 @@ struct SkipGeom {
   // Channels a GPU lane computes: 2 (98 opmath tap registers) for TS <= 2; 1
   // for TS = 4, whose 16 accumulators and 16 source values a channel would
   // otherwise not fit beside the taps.  The arithmetic per channel is the same
-  // for any V (the C++ twin may use another).
+  // for any V; the C++ twin instantiates the same widths (skip_dispatch_vec).
   static constexpr int kVec = TS <= 2 ? 2 : 1;
   // The weight gradient's lanes keep 50 x V opmath sums (two CTAs per SM, up
   // to 255 registers: with TS = 2, V = 2 the 100 sums, 8 dy and 8 source
