@@ -246,6 +246,43 @@ def test_sparse_grn_matches_dense_grn(equal):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('equal', [True, False])
+def test_sparse_grn_low_precision(dtype, equal):
+    """The hand-written forward/backward in fp32/fp16/bf16 (fp32 statistics)
+    against the dense-masked reference in the same dtype and in fp64 (the 2x
+    rule), with a non-contiguous output gradient."""
+    from convnextv2_fast.sparse import (layout_from_visibility, sparse_grn,
+                                        sparse_grn_dense_masked_ref)
+    g = torch.Generator().manual_seed(1)
+    vis = torch.rand(2, 6, 7, generator=g) < 0.5
+    if equal:
+        vis = torch.zeros(2, 6, 7, dtype=torch.bool)
+        vis.view(2, -1)[0, torch.randperm(42, generator=g)[:17]] = True
+        vis.view(2, -1)[1, torch.randperm(42, generator=g)[:17]] = True
+    layout = layout_from_visibility(vis)
+    assert bool(layout.equal_counts) == equal
+    u64 = torch.randn(layout.num_rows, 24, generator=g, dtype=torch.float64)
+    gamma64 = torch.randn(24, generator=g, dtype=torch.float64)
+    beta64 = torch.randn(24, generator=g, dtype=torch.float64)
+    go64 = torch.randn(24, layout.num_rows, generator=g, dtype=torch.float64).t()
+
+    def run(fn, dt):
+        u, gamma, beta = (t.to(dt).requires_grad_() for t in (u64, gamma64, beta64))
+        out = fn(u, gamma, beta, layout)
+        grads = torch.autograd.grad(out, (u, gamma, beta), go64.to(dt))
+        return (out, ) + grads
+
+    assert not go64.is_contiguous()
+    got = run(sparse_grn, dtype)
+    same = run(sparse_grn_dense_masked_ref, dtype)
+    hi = run(sparse_grn_dense_masked_ref, torch.float64)
+    for name, a, b, c in zip(('out', 'du', 'dgamma', 'dbeta'), got, same, hi):
+        assert a.dtype == dtype, name
+        assert_close_to_ref(f'grn-{dtype}-{equal}/{name}', a.double(), b.double(), c,
+                            dtype=dtype)
+
+
 def test_drop_path_is_per_sample_in_training():
     """Train mode with drop path: a dropped sample's block branch is removed
     entirely (its rows equal the block input); kept ones are rescaled."""
